@@ -1,0 +1,153 @@
+"""Typed, frozen run configuration with YAML overrides."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, is_dataclass
+from pathlib import Path
+from typing import Any, get_type_hints
+
+import yaml
+
+from histodetect.errors import HistodetectError
+
+# ImageNet statistics: what timm's pretrained backbones expect.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where patches come from and how they are batched."""
+
+    batch_size: int = 128
+    valid_fraction: float = 0.1
+    split_seed: int = 0
+    limit_train: int = 0  # 0 = every training patch; else a seeded stratified subset
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Backbone (any timm name, or our own ``smallcnn``) and head."""
+
+    arch: str = "smallcnn"
+    pretrained: bool = False
+    weights: str | None = None
+    dropout: float = 0.2
+    channels_last: bool = True
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batched on-device augmentation: each op's probability (0 disables it)."""
+
+    flip: float = 0.5
+    rot90: float = 1.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and the training loop."""
+
+    epochs: int = 4
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"
+    schedule: str = "onecycle"
+    precision: str = "auto"
+    max_minutes: float = 0.0  # 0 = no time limit
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a training run depends on; saved as ``config.yaml`` in the run folder."""
+
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    seed: int = 0
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config dataclass (tuples become lists, for YAML)."""
+
+    def plain(value: Any) -> Any:
+        if isinstance(value, tuple):
+            return [plain(v) for v in value]
+        return value
+
+    return {
+        f.name: to_dict(getattr(cfg, f.name))
+        if is_dataclass(getattr(cfg, f.name))
+        else plain(getattr(cfg, f.name))
+        for f in fields(cfg)
+    }
+
+
+def merge(cfg: Any, overrides: dict, where: str = "config") -> Any:
+    """Return ``cfg`` with nested ``overrides`` applied; unknown keys raise a clear error."""
+    hints = get_type_hints(type(cfg))
+    names = {f.name for f in fields(cfg)}
+    changes: dict[str, Any] = {}
+    for key, value in overrides.items():
+        if key not in names:
+            raise HistodetectError(
+                f"{where}: unknown setting {key!r}; known: {', '.join(sorted(names))}."
+            )
+        current = getattr(cfg, key)
+        if is_dataclass(current):
+            if not isinstance(value, dict):
+                raise HistodetectError(f"{where}.{key}: expected a mapping, got {value!r}.")
+            changes[key] = merge(current, value, f"{where}.{key}")
+        else:
+            changes[key] = _coerce(value, hints[key], f"{where}.{key}")
+    return dataclasses.replace(cfg, **changes)
+
+
+def _coerce(value: Any, hint: Any, where: str) -> Any:
+    """Convert a YAML value to the field's type, or explain the mismatch."""
+    text = str(hint)
+    if value is None and "None" in text:
+        return None
+    try:
+        if text.startswith("tuple"):
+            return tuple(float(v) for v in value)
+        if hint is bool or text == "bool":
+            if isinstance(value, bool):
+                return value
+            raise TypeError
+        if hint is int or text == "int":
+            if isinstance(value, bool) or float(value) != int(value):
+                raise TypeError
+            return int(value)
+        if hint is float or text == "float":
+            return float(value)
+        return str(value)
+    except (TypeError, ValueError):
+        raise HistodetectError(
+            f"{where}: {value!r} is not a valid {getattr(hint, '__name__', text)}."
+        ) from None
+
+
+def load_config(path: str | Path | None = None, overrides: dict | None = None) -> RunConfig:
+    """Defaults, then a YAML file (if given), then command-line ``overrides``."""
+    cfg = RunConfig()
+    if path is not None:
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise HistodetectError(f"{path}: cannot read the YAML config ({exc}).") from None
+        if not isinstance(data, dict):
+            raise HistodetectError(f"{path}: the YAML config must be a mapping of sections.")
+        cfg = merge(cfg, data, str(path))
+    if overrides:
+        cfg = merge(cfg, overrides, "command line")
+    return cfg
+
+
+def save_config(cfg: RunConfig, path: Path) -> None:
+    """Write the resolved config as YAML."""
+    path.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))

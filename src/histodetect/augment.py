@@ -2,10 +2,18 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import nn
 
-from histodetect.config import AugmentConfig
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Batched on-device augmentation: each op's probability (0 disables it)."""
+
+    flip: float = 0.5
+    rot90: float = 1.0
 
 
 def _per_sample(p: float, x: torch.Tensor) -> torch.Tensor:

@@ -9,6 +9,7 @@ from typing import Any, get_type_hints
 
 import yaml
 
+from histodetect.augment import AugmentConfig
 from histodetect.errors import HistodetectError
 
 # ImageNet statistics: what timm's pretrained backbones expect.
@@ -37,14 +38,6 @@ class ModelConfig:
     weights: str | None = None
     dropout: float = 0.2
     channels_last: bool = True
-
-
-@dataclass(frozen=True)
-class AugmentConfig:
-    """Batched on-device augmentation: each op's probability (0 disables it)."""
-
-    flip: float = 0.5
-    rot90: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -20,9 +20,10 @@ from histodetect.config import RunConfig, merge, save_config, to_dict
 from histodetect.data import (
     ensure_store,
     make_loader,
+    normalise,
     split_indices_of,
     stratified_subset,
-    to_model_input,
+    to_unit_float,
 )
 from histodetect.errors import HistodetectError
 from histodetect.models import build_model
@@ -56,8 +57,8 @@ class PatchModule(L.LightningModule):
         # Batches cross to the device as uint8 (4x less traffic); the float work happens here.
         images, labels = batch
         d = self.cfg.data
-        x = to_model_input(images, d.mean, d.std, self.cfg.model.channels_last)
-        return self.augment(x), labels
+        x = self.augment(to_unit_float(images))
+        return normalise(x, d.mean, d.std, self.cfg.model.channels_last), labels
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch

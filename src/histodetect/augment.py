@@ -1,24 +1,169 @@
-"""Batched augmentation on the training device, applied to whole float batches (NCHW)."""
+"""Configurable per-sample augmentation of whole float batches (NCHW), on their own device."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import io
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
 
+import kornia.augmentation as K
+import numpy as np
 import torch
+from kornia.geometry.transform import crop_and_resize
 from torch import nn
+
+from histodetect import CENTRE, PATCH_SIZE
+from histodetect.errors import HistodetectError
+
+# The probability fields of AugmentConfig; every other field is a strength.
+PROBABILITIES = (
+    "flip",
+    "rot90",
+    "affine",
+    "crop",
+    "color",
+    "stain",
+    "pca",
+    "blur",
+    "motion_blur",
+    "noise",
+    "jpeg",
+)
 
 
 @dataclass(frozen=True)
 class AugmentConfig:
-    """Batched on-device augmentation: each op's probability (0 disables it)."""
+    """Per-sample augmentation: each op's probability (0 disables it) and its strengths.
+
+    The defaults are ``RECIPES["default"]``. Ops run in the order listed here.
+
+    Attributes:
+        flip: Probability of a horizontal flip, and independently of a vertical one.
+        rot90: Probability of a quarter turn by 0, 90, 180 or 270 degrees (uniformly); with
+            ``flip=0.5`` and ``rot90=1`` all 8 dihedral views are equally likely.
+        crop: Probability of a random square crop, resized back, that keeps the centre box.
+        crop_min: Smallest crop side in pixels of a 96-pixel patch (32 to 96).
+        affine: Probability of a random shift/scale/rotation, reflection-padded.
+        shift: Largest shift either way, as a fraction of the side.
+        scale: Range of the zoom factor, ``(low, high)``.
+        rotate: Largest rotation either way, in degrees.
+        stain: Probability of H&E stain jitter in HED optical-density space.
+        stain_sigma: Largest relative change of each stain's amount (factor in ``1 ± sigma``).
+        stain_bias: Largest optical density added to or removed from each stain.
+        color: Probability of brightness/contrast/saturation/hue jitter.
+        brightness: Largest relative brightness change (factor in ``1 ± brightness``).
+        contrast: Largest relative contrast change.
+        saturation: Largest relative saturation change.
+        hue: Largest hue shift, as a fraction of the colour wheel (at most 0.5).
+        pca: Probability of fancy-PCA lighting noise along the image's RGB principal axes.
+        pca_std: Standard deviation of the shift along each axis, in units of the image's own
+            standard deviation along that axis.
+        blur: Probability of Gaussian blur.
+        blur_sigma: Largest blur sigma in pixels.
+        motion_blur: Probability of motion blur in a random direction.
+        motion_blur_kernel: Largest motion-blur length in pixels (odd, at least 3).
+        noise: Probability of additive Gaussian pixel noise.
+        noise_std: Largest noise standard deviation, in [0, 1] intensity units.
+        jpeg: Probability of JPEG compression.
+        jpeg_quality: Lowest JPEG quality (1 to 100); the quality is drawn up to 100.
+    """
 
     flip: float = 0.5
     rot90: float = 1.0
+    crop: float = 0.25
+    crop_min: int = 80
+    affine: float = 0.25
+    shift: float = 0.04
+    scale: tuple[float, float] = (0.9, 1.1)
+    rotate: float = 20.0
+    stain: float = 0.5
+    stain_sigma: float = 0.05
+    stain_bias: float = 0.05
+    color: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.0
+    pca: float = 0.0
+    pca_std: float = 0.1
+    blur: float = 0.1
+    blur_sigma: float = 1.0
+    motion_blur: float = 0.0
+    motion_blur_kernel: int = 5
+    noise: float = 0.1
+    noise_std: float = 0.02
+    jpeg: float = 0.0
+    jpeg_quality: float = 60.0
+
+    def __post_init__(self) -> None:
+        # Fail when the config is read, not hours later inside a kornia op.
+        def bad(name: str, why: str) -> HistodetectError:
+            return HistodetectError(f"augment.{name}: {getattr(self, name)!r} {why}.")
+
+        for name in PROBABILITIES:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "is not a probability between 0 and 1")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "scale" and value < 0:
+                raise bad(f.name, "is negative")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise bad("scale", "is not a range (low, high) with 0 < low <= high")
+        if not CENTRE[1] - CENTRE[0] <= self.crop_min <= PATCH_SIZE:
+            raise bad("crop_min", f"must be {CENTRE[1] - CENTRE[0]} to {PATCH_SIZE} pixels")
+        for name in ("brightness", "contrast", "saturation", "stain_sigma"):
+            if getattr(self, name) >= 1:
+                raise bad(name, "must be below 1 (factors are drawn in 1 ± value)")
+        if self.hue > 0.5:
+            raise bad("hue", "must be at most 0.5 (half the colour wheel)")
+        if self.motion_blur_kernel < 3:
+            raise bad("motion_blur_kernel", "must be at least 3 pixels")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise bad("jpeg_quality", "must be 1 to 100")
 
 
-def _per_sample(p: float, x: torch.Tensor) -> torch.Tensor:
-    """A (N, 1, 1, 1) boolean mask selecting each sample with probability ``p``."""
-    return (torch.rand(x.shape[0], 1, 1, 1, device=x.device) < p).expand_as(x)
+_NONE = replace(AugmentConfig(), **dict.fromkeys(PROBABILITIES, 0.0))
+
+RECIPES: dict[str, AugmentConfig] = {
+    "none": _NONE,
+    "light": replace(_NONE, flip=0.5, rot90=1.0),
+    # Cheap on a CPU: hue, PCA, motion blur and JPEG cost the most per image, so they are off.
+    "default": AugmentConfig(),
+    "heavy": AugmentConfig(
+        crop=0.4,
+        crop_min=72,
+        affine=0.4,
+        shift=0.06,
+        scale=(0.85, 1.15),
+        rotate=45.0,
+        stain=0.8,
+        stain_sigma=0.15,
+        stain_bias=0.1,
+        color=0.8,
+        brightness=0.15,
+        contrast=0.2,
+        saturation=0.2,
+        hue=0.03,
+        pca=0.5,
+        pca_std=0.2,
+        blur=0.2,
+        blur_sigma=1.5,
+        motion_blur=0.1,
+        motion_blur_kernel=7,
+        noise=0.25,
+        noise_std=0.04,
+        jpeg=0.25,
+        jpeg_quality=50.0,
+    ),
+}
+
+# Ruifrok & Johnston (2001) optical-density vectors of haematoxylin, eosin and DAB (rows).
+_RGB_FROM_HED = torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]])
+_RGB_FROM_HED = _RGB_FROM_HED / _RGB_FROM_HED.norm(dim=1, keepdim=True)
+# Keeps log() finite on black pixels; small enough that a round trip changes nothing visible.
+_OD_EPS = 1e-6
 
 
 def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -32,25 +177,247 @@ def dihedral(x: torch.Tensor, k: int) -> torch.Tensor:
     return x
 
 
+def _view_table() -> torch.Tensor:
+    """(4, 4) table: which ``dihedral`` view equals flip code f (bit 0 h, bit 1 v) then q turns."""
+    # The 8 views of a 2x2 image with distinct pixels are all different, so it names them.
+    probe = torch.arange(4).view(2, 2)
+    views = [dihedral(probe, k) for k in range(8)]
+    table = torch.zeros(4, 4, dtype=torch.long)
+    for f in range(4):
+        for q in range(4):
+            turned = torch.rot90(dihedral(probe, f), q, (-2, -1))
+            table[f, q] = next(k for k, v in enumerate(views) if torch.equal(v, turned))
+    return table
+
+
+def _on_some(x: torch.Tensor, p: float, op: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """Apply ``op`` to a random subset of samples, each chosen with probability ``p``."""
+    if p >= 1:
+        return op(x)
+    # Running the op only on the chosen rows makes its cost scale with p (kornia's own gate
+    # transforms the whole batch and then discards the unchosen rows).
+    idx = (torch.rand(x.shape[0], device=x.device) < p).nonzero().squeeze(1)
+    if idx.numel() == 0:
+        return x
+    return x.index_copy(0, idx, op(x.index_select(0, idx)))
+
+
+def _uniform(n: int, low: float, high: float, like: torch.Tensor, *shape: int) -> torch.Tensor:
+    """(n, *shape) uniform samples in [low, high) on ``like``'s device."""
+    u = torch.rand(n, *shape, device=like.device, dtype=like.dtype)
+    return low + (high - low) * u
+
+
 class BatchAugment(nn.Module):
     """Random per-sample augmentation of a whole batch, on whatever device the batch is on.
 
-    Tissue has no canonical orientation, so the 8 dihedral transforms are label-preserving and
-    keep the centre 32x32 box in place.
+    Takes float (N, 3, H, W) batches in [0, 1] of square patches and returns the same shape,
+    dtype and device, clamped to [0, 1]. In eval mode, or when every probability is 0, the
+    input is returned unchanged. Randomness comes from torch's global generators, so
+    ``torch.manual_seed`` makes it reproducible.
+
+    Geometric ops keep the labelled centre box in the picture: dihedral views keep it in
+    place, crops always contain it, and the affine moves it by a few pixels at most.
     """
 
     def __init__(self, cfg: AugmentConfig) -> None:
+        """Build every kornia module the config enables, once.
+
+        Args:
+            cfg: Which ops run, how often and how strongly.
+        """
         super().__init__()
         self.cfg = cfg
+        self.register_buffer("_views", _view_table(), persistent=False)
+        self.register_buffer("_rgb_from_hed", _RGB_FROM_HED.clone(), persistent=False)
+        self.register_buffer("_hed_from_rgb", torch.linalg.inv(_RGB_FROM_HED), persistent=False)
+        c = cfg
+        # Each kornia module runs with p=1 on the rows _on_some picked.
+        self.kornia = nn.ModuleDict()
+        if c.affine > 0:
+            self.kornia["affine"] = K.RandomAffine(
+                degrees=c.rotate,
+                translate=(c.shift, c.shift),
+                scale=c.scale,
+                padding_mode="reflection",  # mirrored tissue, not black corners
+                p=1.0,
+            )
+        if c.color > 0:
+            self.kornia["color"] = K.ColorJitter(
+                c.brightness, c.contrast, c.saturation, c.hue, p=1.0
+            )
+        if c.blur > 0:
+            # +-2 sigma holds 95% of the kernel's weight; wider costs time for nothing visible.
+            size = 2 * max(1, math.ceil(2 * c.blur_sigma)) + 1
+            self.kornia["blur"] = K.RandomGaussianBlur(
+                size, (min(0.1, c.blur_sigma), c.blur_sigma), p=1.0
+            )
+        if c.motion_blur > 0:
+            k = c.motion_blur_kernel
+            self.kornia["motion_blur"] = K.RandomMotionBlur(
+                k if k == 3 else (3, k), angle=180.0, direction=0.5, border_type="reflect", p=1.0
+            )
+        if c.jpeg > 0:
+            self.kornia["jpeg"] = K.RandomJPEG(jpeg_quality=(c.jpeg_quality, 100.0), p=1.0)
+
+        steps: list[tuple[float, Callable[[torch.Tensor], torch.Tensor]]] = []
+        if c.flip > 0 or c.rot90 > 0:
+            steps.append((1.0, self._dihedral))  # draws its own per-sample choices
+        if c.crop > 0:
+            steps.append((c.crop, self._crop))
+        if "affine" in self.kornia:
+            steps.append((c.affine, self.kornia["affine"]))
+        if c.stain > 0:
+            steps.append((c.stain, self._stain))
+        if "color" in self.kornia:
+            steps.append((c.color, self.kornia["color"]))
+        if c.pca > 0:
+            steps.append((c.pca, self._pca))
+        if "blur" in self.kornia:
+            steps.append((c.blur, self.kornia["blur"]))
+        if "motion_blur" in self.kornia:
+            steps.append((c.motion_blur, self.kornia["motion_blur"]))
+        if c.noise > 0:
+            steps.append((c.noise, self._noise))
+        if "jpeg" in self.kornia:
+            # Last, as a scanner's compression comes after everything the slide went through.
+            steps.append((c.jpeg, self.kornia["jpeg"]))
+        self._steps = steps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.training:
+        """Augment a batch.
+
+        Args:
+            x: Float (N, 3, H, W) images in [0, 1], square.
+
+        Returns:
+            The augmented batch: same shape, dtype and device, values in [0, 1].
+        """
+        if not self.training or not self._steps:
             return x
-        if self.cfg.rot90 > 0:
-            # A transpose plus the flips below reaches every 90-degree rotation.
-            x = torch.where(_per_sample(self.cfg.rot90 / 2, x), x.transpose(-1, -2), x)
-        if self.cfg.flip > 0 or self.cfg.rot90 > 0:
-            p = max(self.cfg.flip, self.cfg.rot90 / 2)
-            x = torch.where(_per_sample(p, x), x.flip(-1), x)
-            x = torch.where(_per_sample(p, x), x.flip(-2), x)
-        return x
+        y = x.float()  # kornia's colour ops want float32, whatever autocast does later
+        for p, op in self._steps:
+            y = _on_some(y, p, op)
+        return y.clamp(0.0, 1.0).to(x.dtype)
+
+    def _dihedral(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-sample flips and quarter turns, each sample through one ``dihedral`` view."""
+        n = x.shape[0]
+        flips = (torch.rand(n, 2, device=x.device) < self.cfg.flip).long()
+        turns = torch.randint(0, 4, (n,), device=x.device)
+        turns = turns * (torch.rand(n, device=x.device) < self.cfg.rot90)
+        view = self._views[flips[:, 0] + 2 * flips[:, 1], turns]
+        out = x.clone()
+        for k in range(1, 8):
+            idx = (view == k).nonzero().squeeze(1)
+            if idx.numel():
+                out.index_copy_(0, idx, dihedral(x.index_select(0, idx), k))
+        return out
+
+    def _crop(self, x: torch.Tensor) -> torch.Tensor:
+        """Random square crops that contain the whole centre box, resized back to full size."""
+        n, _, h, w = x.shape
+        side = min(h, w)
+        # Sizes are in pixels of a 96-pixel patch; scale them for other patch sizes.
+        px = side / PATCH_SIZE
+        box_lo, box_hi = CENTRE[0] * px, CENTRE[1] * px
+        s = _uniform(n, min(self.cfg.crop_min * px, side), side, x)
+        # Corners are pixel centres: a crop of side s starting at o covers o .. o + s - 1,
+        # so it holds the box's pixels box_lo .. box_hi - 1 when box_hi - s <= o <= box_lo.
+        starts = []
+        for size in (w, h):
+            low = (box_hi - s).clamp_min(0)
+            high = torch.minimum(torch.full_like(s, box_lo), size - s)
+            starts.append(low + (high - low) * torch.rand_like(s))
+        x0, y0 = starts
+        x1, y1 = x0 + s - 1, y0 + s - 1
+        boxes = torch.stack(
+            [torch.stack(c, dim=1) for c in ((x0, y0), (x1, y0), (x1, y1), (x0, y1))], dim=1
+        )
+        return crop_and_resize(x, boxes, (h, w))
+
+    def _stain(self, x: torch.Tensor) -> torch.Tensor:
+        """H&E stain jitter: scale and shift each HED stain's optical density per sample."""
+        n = x.shape[0]
+        alpha = _uniform(n, 1 - self.cfg.stain_sigma, 1 + self.cfg.stain_sigma, x, 3)
+        beta = _uniform(n, -self.cfg.stain_bias, self.cfg.stain_bias, x, 3)
+        # Per pixel (row vector) od -> od @ hed_from_rgb (stains) -> * alpha + beta -> @ rgb_from_hed,
+        # folded into one 3x3 matrix and offset per sample so the image is touched only once.
+        mix = self._hed_from_rgb @ (alpha[:, :, None] * self._rgb_from_hed)
+        offset = beta @ self._rgb_from_hed
+        od = -torch.log(x.clamp_min(_OD_EPS)).flatten(2)
+        od = torch.baddbmm(offset[:, :, None], mix.transpose(1, 2), od)
+        return torch.exp(-od).clamp_max(1.0).view_as(x)
+
+    def _pca(self, x: torch.Tensor) -> torch.Tensor:
+        """AlexNet-style lighting noise along each image's own RGB principal components."""
+        flat = x.flatten(2)
+        centred = flat - flat.mean(2, keepdim=True)
+        cov = centred @ centred.transpose(1, 2) / flat.shape[2]
+        var, axes = torch.linalg.eigh(cov)
+        alpha = torch.randn(x.shape[0], 3, device=x.device) * self.cfg.pca_std
+        shift = axes @ (alpha * var.clamp_min(0).sqrt())[:, :, None]
+        return x + shift[..., None]
+
+    def _noise(self, x: torch.Tensor) -> torch.Tensor:
+        """Additive Gaussian noise with a per-sample standard deviation."""
+        # By hand: kornia's RandomGaussianNoise draws the noise on the CPU and copies it to
+        # the batch's device, and uses one fixed strength for every sample.
+        std = _uniform(x.shape[0], 0.0, self.cfg.noise_std, x, 1, 1, 1)
+        return x + torch.randn_like(x) * std
+
+
+def preview(
+    images: np.ndarray, cfg: AugmentConfig, out: Path, n_aug: int = 7, seed: int = 0
+) -> None:
+    """Write a PNG grid: one row per patch, the original first, then ``n_aug`` augmented views.
+
+    The centre 32x32 box that the label describes is outlined on each original.
+
+    Args:
+        images: uint8 (N, 96, 96, 3) RGB patches.
+        cfg: The augmentation to show.
+        out: Where the PNG goes; written atomically.
+        n_aug: How many augmented views per patch.
+        seed: Seed for the augmentation (the caller's random state is left alone).
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
+
+    from histodetect.store import write_atomic
+
+    if images.ndim != 4 or images.shape[-1] != 3 or images.dtype != np.uint8:
+        raise HistodetectError(
+            f"preview wants uint8 (N, H, W, 3) patches, got {images.dtype} {images.shape}."
+        )
+    x = torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 255.0
+    aug = BatchAugment(cfg).train()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        views = [x] + [aug(x) for _ in range(n_aug)]
+
+    n, size = len(images), images.shape[1]
+    fig = Figure(figsize=(1.2 * (n_aug + 1), 1.2 * n + 0.3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(n, n_aug + 1, squeeze=False)
+    lo, hi = (c * size / PATCH_SIZE for c in CENTRE)
+    for row in range(n):
+        for col, batch in enumerate(views):
+            ax = axes[row, col]
+            ax.imshow(batch[row].permute(1, 2, 0).numpy(), interpolation="nearest")
+            ax.set_axis_off()
+            if col == 0:
+                ax.add_patch(
+                    Rectangle((lo - 0.5, lo - 0.5), hi - lo, hi - lo, fill=False, ec="lime", lw=1)
+                )
+    axes[0, 0].set_title("original", fontsize=8)
+    for col in range(1, n_aug + 1):
+        axes[0, col].set_title(f"aug {col}", fontsize=8)
+    fig.subplots_adjust(
+        left=0.01, right=0.99, bottom=0.01, top=1 - 0.3 / (1.2 * n + 0.3), wspace=0.04, hspace=0.04
+    )
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(out, buf.getvalue())

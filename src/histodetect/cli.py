@@ -129,37 +129,73 @@ def cmd_explore(args: argparse.Namespace) -> int:
 # ----------------------------------------------------------------------------- train
 
 
-def _train_args(p: argparse.ArgumentParser) -> None:
+def _model_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by train and lr-find."""
     p.add_argument("--data", required=True, type=Path, help="Kaggle folder, PCam folder or store")
-    p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.add_argument("--config", type=Path, help="YAML file overriding the defaults")
-    p.add_argument("--arch", help="smallcnn or any timm model name")
-    p.add_argument("--epochs", type=int)
+    p.add_argument("--arch", help="smallcnn or any timm model name (e.g. resnet18)")
+    p.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights (online)")
+    p.add_argument("--weights", help="local backbone state dict (.safetensors/.pth), offline")
+    p.add_argument("--augment", help="augmentation recipe: none, light, default or heavy")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
-    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
-    p.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights (online)")
-    p.add_argument("--weights", help="local backbone state dict (.safetensors/.pth), offline")
+    p.add_argument("--limit-train", type=int, help="train on a stratified subset of this size")
     p.add_argument("--accelerator", default="auto", help="auto, cpu or gpu")
-    p.add_argument("--devices", default="auto", help="number of devices, or auto")
+    p.add_argument("--devices", default="auto", help="devices per node, or auto")
 
 
-def _train_overrides(args: argparse.Namespace) -> dict:
-    pairs = {
-        ("model", "arch"): args.arch,
-        ("train", "epochs"): args.epochs,
-        ("data", "batch_size"): args.batch_size,
-        ("train", "lr"): args.lr,
-        ("train", "max_minutes"): args.max_minutes,
-        ("model", "weights"): args.weights,
-        ("model", "pretrained"): True if args.pretrained else None,
-    }
+def _train_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--out", required=True, type=Path, help="run folder to create")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
+    p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
+    p.add_argument("--freeze-epochs", type=int, help="train only the head for N epochs first")
+    p.add_argument("--loss", choices=["bce", "focal"])
+    p.add_argument("--class-weights", choices=["none", "auto"])
+    p.add_argument("--precision", help="auto, 32-true, bf16-mixed or 16-mixed")
+    p.add_argument("--num-nodes", type=int, default=1, help="machines (multi-node DDP)")
+    p.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ...")
+
+
+OVERRIDES = {
+    "arch": ("model", "arch"),
+    "weights": ("model", "weights"),
+    "batch_size": ("data", "batch_size"),
+    "limit_train": ("data", "limit_train"),
+    "lr": ("train", "lr"),
+    "epochs": ("train", "epochs"),
+    "max_steps": ("train", "max_steps"),
+    "max_minutes": ("train", "max_minutes"),
+    "freeze_epochs": ("train", "freeze_epochs"),
+    "loss": ("train", "loss"),
+    "class_weights": ("train", "class_weights"),
+    "precision": ("train", "precision"),
+}
+
+
+def _load_run_config(args: argparse.Namespace):
+    """Defaults ← --config YAML ← command-line flags (only those given)."""
+    from histodetect.config import load_config, to_dict
+
     out: dict = {"seed": args.seed} if args.seed is not None else {}
-    for (section, key), value in pairs.items():
+    for flag, (section, key) in OVERRIDES.items():
+        value = getattr(args, flag, None)
         if value is not None:
             out.setdefault(section, {})[key] = value
-    return out
+    if args.pretrained:
+        out.setdefault("model", {})["pretrained"] = True
+    if args.augment:
+        from histodetect.augment import recipe
+
+        out["augment"] = to_dict(recipe(args.augment))
+    return load_config(args.config, out)
+
+
+def _devices(args: argparse.Namespace) -> int | str:
+    return int(args.devices) if str(args.devices).isdigit() else args.devices
 
 
 @command("train", _train_args)
@@ -169,13 +205,21 @@ def cmd_train(args: argparse.Namespace) -> int:
     The run folder holds config.yaml, environment.json, data.json, per-step/epoch metrics (CSV
     and TensorBoard), curves.png, best/last checkpoints, model.safetensors and model.json.
     """
-    from histodetect.config import load_config
     from histodetect.train import train
 
-    cfg = load_config(args.config, _train_overrides(args))
-    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
-    result = train(args.data, args.out, cfg, accelerator=args.accelerator, devices=devices)
-    _print_result(result)
+    cfg = None if args.resume else _load_run_config(args)
+    result = train(
+        args.data,
+        args.out,
+        cfg,
+        accelerator=args.accelerator,
+        devices=_devices(args),
+        num_nodes=args.num_nodes,
+        strategy=args.strategy,
+        resume=args.resume,
+    )
+    if result.val_auc == result.val_auc:  # NaN on DDP ranks other than 0
+        _print_result(result)
     return 0
 
 
@@ -186,6 +230,56 @@ def _print_result(result) -> None:
         f"on {result.n_valid} held-out patches ({result.n_train} trained on, "
         f"{result.images_per_s:.0f} img/s){tag}\nrun folder: {result.run}"
     )
+
+
+def _lr_find_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--out", type=Path, default=Path("lr_find.png"), help="plot to write")
+    p.add_argument("--steps", type=int, default=100, help="batches in the sweep (default 100)")
+
+
+@command("lr-find", _lr_find_args)
+def cmd_lr_find(args: argparse.Namespace) -> int:
+    """Find a good learning rate: sweep it over a few batches and plot the loss.
+
+    The suggested rate (steepest descent of the smoothed loss) is printed and marked on the plot;
+    pass it to `histodetect train --lr`.
+    """
+    from histodetect.train import lr_find
+
+    found = lr_find(
+        args.data, args.out, _load_run_config(args), args.accelerator, _devices(args), args.steps
+    )
+    tag = " [SYNTHETIC DATA]" if found["synthetic"] else ""
+    _say(f"suggested learning rate: {found['suggested_lr']:.2e} (plot: {found['plot']}){tag}")
+    return 0
+
+
+def _preview_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("data", type=Path, help="Kaggle folder, PCam folder or packed store")
+    p.add_argument("--out", type=Path, default=Path("augment_preview.png"), help="PNG to write")
+    p.add_argument("--recipe", default="default", help="none, light, default or heavy")
+    p.add_argument("--config", type=Path, help="YAML whose 'augment' section is the recipe")
+    p.add_argument("--n", type=int, default=6, help="patches (rows) to show")
+    p.add_argument("--seed", type=int, default=0)
+
+
+@command("augment-preview", _preview_args)
+def cmd_augment_preview(args: argparse.Namespace) -> int:
+    """Show what an augmentation recipe does: each row a patch, then augmented versions."""
+    import numpy as np
+
+    from histodetect.augment import preview, recipe
+    from histodetect.config import load_config
+    from histodetect.sources import open_source
+
+    augment = load_config(args.config).augment if args.config else recipe(args.recipe)
+    source = open_source(args.data)
+    rng = np.random.default_rng(args.seed)
+    idx = np.sort(rng.choice(len(source), size=min(args.n, len(source)), replace=False))
+    preview(source.read(idx), augment, args.out, seed=args.seed)
+    _say(f"augmentation preview written to {args.out}")
+    return 0
 
 
 # ----------------------------------------------------------------------------- demo

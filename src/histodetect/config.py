@@ -45,12 +45,24 @@ class TrainConfig:
     """Optimisation and the training loop."""
 
     epochs: int = 4
-    lr: float = 2e-3
-    weight_decay: float = 1e-4
-    optimizer: str = "adamw"
-    schedule: str = "onecycle"
-    precision: str = "auto"
+    max_steps: int = 0  # 0 = run every epoch in full
     max_minutes: float = 0.0  # 0 = no time limit
+    lr: float = 2e-3
+    backbone_lr_mult: float = 1.0  # discriminative LR: backbone gets lr x this
+    weight_decay: float = 1e-4
+    optimizer: str = "adamw"  # adamw | sgd
+    schedule: str = "onecycle"  # onecycle | cosine | plateau | none
+    warmup_fraction: float = 0.2  # onecycle's rising part
+    freeze_epochs: int = 0  # train only the head for this many epochs first
+    loss: str = "bce"  # bce | focal
+    focal_gamma: float = 2.0
+    label_smoothing: float = 0.0
+    class_weights: str = "none"  # none | auto (positives weighted by negatives/positives)
+    early_stopping: int = 0  # patience in epochs on val AUC; 0 = off
+    accumulate: int = 1  # gradient accumulation steps
+    grad_clip: float = 0.0  # 0 = off
+    precision: str = "auto"  # auto | 32-true | bf16-mixed | 16-mixed
+    checkpoint_every: int = 50  # optimiser steps between resumable last.ckpt saves
 
 
 @dataclass(frozen=True)

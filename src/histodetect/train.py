@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import platform
@@ -16,8 +17,10 @@ from torch import nn
 
 from histodetect import PATCH_SIZE, __version__
 from histodetect.augment import BatchAugment
-from histodetect.config import RunConfig, merge, save_config, to_dict
+from histodetect.config import RunConfig, load_config, merge, save_config, to_dict
 from histodetect.data import (
+    EpochLoader,
+    PatchDataset,
     ensure_store,
     make_loader,
     normalise,
@@ -32,18 +35,21 @@ from histodetect.store import Store, write_atomic
 
 
 class PatchModule(L.LightningModule):
-    """Classifier + on-device normalisation/augmentation + BCE loss + AUC/accuracy metrics."""
+    """Classifier + on-device augmentation/normalisation + loss + AUC/accuracy metrics."""
 
-    def __init__(self, config: dict) -> None:
+    def __init__(self, config: dict, pos_weight: float | None = None) -> None:
         super().__init__()
-        self.save_hyperparameters({"config": config})  # checkpoints rebuild the same module
+        # Checkpoints rebuild the same module from these.
+        self.save_hyperparameters({"config": config, "pos_weight": pos_weight})
         self.cfg: RunConfig = merge(RunConfig(), config)
         m = self.cfg.model
         self.model = build_model(m.arch, m.pretrained, m.weights, m.dropout)
         if m.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.augment = BatchAugment(self.cfg.augment)
-        self.loss_fn = nn.BCEWithLogitsLoss()
+        self.register_buffer(
+            "pos_weight", torch.tensor(pos_weight if pos_weight else 1.0), persistent=False
+        )
         from torchmetrics.classification import BinaryAccuracy, BinaryAUROC
 
         self.val_auc = BinaryAUROC()
@@ -52,6 +58,22 @@ class PatchModule(L.LightningModule):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """BCE or focal loss, with optional label smoothing and positive-class weight."""
+        t = self.cfg.train
+        target = y * (1 - t.label_smoothing) + 0.5 * t.label_smoothing
+        if t.loss == "focal":
+            from torchvision.ops import sigmoid_focal_loss
+
+            per = sigmoid_focal_loss(logits, target, alpha=-1, gamma=t.focal_gamma)
+            weights = torch.where(y > 0.5, self.pos_weight, torch.ones_like(y))
+            return (per * weights).mean()
+        if t.loss != "bce":
+            raise HistodetectError(f"train.loss: {t.loss!r} is not bce or focal.")
+        return nn.functional.binary_cross_entropy_with_logits(
+            logits, target, pos_weight=self.pos_weight
+        )
 
     def on_after_batch_transfer(self, batch, dataloader_idx: int):
         # Batches cross to the device as uint8 (4x less traffic); the float work happens here.
@@ -63,7 +85,7 @@ class PatchModule(L.LightningModule):
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:
         x, y = batch
         logits = self(x)
-        loss = self.loss_fn(logits, y)
+        loss = self.loss(logits, y)
         self.train_acc(logits.detach(), y.int())
         self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=True, batch_size=len(y))
         self.log("train_acc", self.train_acc, on_step=False, on_epoch=True, batch_size=len(y))
@@ -75,31 +97,109 @@ class PatchModule(L.LightningModule):
         self.val_auc(logits, y.int())
         self.val_acc(logits, y.int())
         bs = len(y)
-        self.log("val_loss", self.loss_fn(logits, y), prog_bar=True, batch_size=bs, sync_dist=True)
+        self.log("val_loss", self.loss(logits, y), prog_bar=True, batch_size=bs, sync_dist=True)
         self.log("val_auc", self.val_auc, prog_bar=True, batch_size=bs)
         self.log("val_acc", self.val_acc, prog_bar=True, batch_size=bs)
 
+    def param_groups(self) -> list[dict]:
+        """Backbone and head as separate groups, for discriminative learning rates."""
+        t = self.cfg.train
+        return [
+            {"params": list(self.model.backbone.parameters()), "lr": t.lr * t.backbone_lr_mult},
+            {"params": list(self.model.head.parameters()), "lr": t.lr},
+        ]
+
     def configure_optimizers(self):
         t = self.cfg.train
+        groups = self.param_groups()
         if t.optimizer == "adamw":
-            opt = torch.optim.AdamW(self.parameters(), lr=t.lr, weight_decay=t.weight_decay)
+            opt = torch.optim.AdamW(groups, lr=t.lr, weight_decay=t.weight_decay)
         elif t.optimizer == "sgd":
             opt = torch.optim.SGD(
-                self.parameters(), lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay
+                groups, lr=t.lr, momentum=0.9, nesterov=True, weight_decay=t.weight_decay
             )
         else:
             raise HistodetectError(f"train.optimizer: {t.optimizer!r} is not adamw or sgd.")
+        steps = int(self.trainer.estimated_stepping_batches)
         if t.schedule == "onecycle":
             sched = torch.optim.lr_scheduler.OneCycleLR(
                 opt,
-                max_lr=t.lr,
-                total_steps=int(self.trainer.estimated_stepping_batches),
-                pct_start=0.25,
+                max_lr=[g["lr"] for g in groups],
+                total_steps=max(steps, 2),
+                pct_start=t.warmup_fraction,
             )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if t.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=max(steps, 1))
+            return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+        if t.schedule == "plateau":
+            sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
+                opt, mode="max", factor=0.3, patience=1
+            )
+            return {
+                "optimizer": opt,
+                "lr_scheduler": {"scheduler": sched, "monitor": "val_auc", "interval": "epoch"},
+            }
         if t.schedule == "none":
             return opt
-        raise HistodetectError(f"train.schedule: {t.schedule!r} is not onecycle or none.")
+        raise HistodetectError(
+            f"train.schedule: {t.schedule!r} is not onecycle, cosine, plateau or none."
+        )
+
+
+class FreezeBackbone(L.Callback):
+    """Trains only the new head for the first ``epochs`` epochs, then the whole network.
+
+    Frozen parameters simply get no gradient, so the optimiser and its schedule stay the same
+    object throughout and a resumed run continues identically.
+    """
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_start(self, trainer, pl_module: PatchModule) -> None:
+        frozen = trainer.current_epoch < self.epochs
+        backbone = pl_module.model.backbone
+        for p in backbone.parameters():
+            p.requires_grad_(not frozen)
+        if frozen:  # keep pretrained BatchNorm statistics while the head settles
+            for m in backbone.modules():
+                if isinstance(m, nn.modules.batchnorm._BatchNorm):
+                    m.eval()
+
+
+class ConsumedBatches(L.Callback):
+    """Counts the training batches actually trained on, for an exact mid-epoch resume."""
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        loader = trainer.train_dataloader
+        if isinstance(loader, EpochLoader):
+            loader.consumed += 1
+
+
+class PatchDataModule(L.LightningDataModule):
+    """Training and validation batches from a packed store, sharded per DDP rank."""
+
+    def __init__(
+        self, store: Store, train_idx: np.ndarray, valid_idx: np.ndarray, batch_size: int, seed: int
+    ) -> None:
+        super().__init__()
+        self.store, self.train_idx, self.valid_idx = store, train_idx, valid_idx
+        self.batch_size, self.seed = batch_size, seed
+
+    def train_dataloader(self) -> EpochLoader:
+        trainer = self.trainer
+        return EpochLoader(
+            PatchDataset(self.store, self.train_idx),
+            self.batch_size,
+            seed=self.seed,
+            rank=trainer.global_rank if trainer else 0,
+            world=trainer.world_size if trainer else 1,
+            epoch_fn=(lambda: trainer.current_epoch) if trainer else (lambda: 0),
+        )
+
+    def val_dataloader(self):
+        return make_loader(self.store, self.valid_idx, self.batch_size * 2, shuffle=False)
 
 
 class Throughput(L.Callback):
@@ -234,22 +334,41 @@ def train(
     progress: bool = True,
     accelerator: str = "auto",
     devices: int | str = "auto",
+    num_nodes: int = 1,
+    strategy: str = "auto",
+    resume: bool = False,
 ) -> TrainResult:
     """Train a classifier on DATA and write everything into the run folder ``run``.
 
     Args:
         data: a Kaggle folder, PCam folder or packed store (packed into the cache if needed).
-        run: the run folder to create.
-        cfg: the run configuration (defaults when None).
+        run: the run folder to create (or to continue, with ``resume``).
+        cfg: the run configuration (defaults when None; with ``resume``, the run's own).
         progress: show progress bars.
         accelerator: Lightning accelerator ("auto", "cpu", "gpu").
-        devices: Lightning devices.
+        devices: devices per node ("auto" or a count).
+        num_nodes: machines taking part (multi-node DDP).
+        strategy: Lightning strategy, e.g. "ddp" for several GPUs or CPU processes.
+        resume: continue an interrupted run from ``checkpoints/last.ckpt`` (mid-epoch too):
+            the same schedule, data order and number of optimiser steps as an uninterrupted run.
     """
     t0 = time.perf_counter()
-    cfg = cfg or RunConfig()
     run = Path(run)
+    # DDP launches re-run this same command in worker processes: only the first one prepares
+    # (and checks) the run folder.
+    primary = all(int(os.environ.get(k, 0)) == 0 for k in ("LOCAL_RANK", "NODE_RANK"))
     if (run / MODEL_META).exists():
         raise HistodetectError(f"{run}: already holds a finished run; choose a new --out.")
+    last = run / "checkpoints" / "last.ckpt"
+    if resume:
+        if not last.exists():
+            raise HistodetectError(f"{run}: nothing to resume (no checkpoints/last.ckpt).")
+        cfg = load_config(run / "config.yaml")
+    elif primary and (run / "config.yaml").exists():
+        raise HistodetectError(
+            f"{run}: holds an unfinished run; pass --resume to continue it or choose a new --out."
+        )
+    cfg = cfg or RunConfig()
     store = ensure_store(
         data, progress=progress, valid_fraction=cfg.data.valid_fraction, seed=cfg.data.split_seed
     )
@@ -261,33 +380,64 @@ def train(
     train_idx = train_idx[
         stratified_subset(store.labels[train_idx], cfg.data.limit_train, cfg.seed)
     ]
-    run.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run / "config.yaml")
-    write_atomic(run / "environment.json", json.dumps(environment(), indent=2).encode())
     data_info = data_description(store)
-    write_atomic(run / "data.json", json.dumps(data_info, indent=2).encode())
+    if resume:
+        before = json.loads((run / "data.json").read_text())["fingerprint"]
+        if before != data_info["fingerprint"]:
+            raise HistodetectError(f"{run}: was trained on other data than {data}; cannot resume.")
+    elif primary:
+        run.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, run / "config.yaml")
+        write_atomic(run / "data.json", json.dumps(data_info, indent=2).encode())
+    if primary:
+        write_atomic(run / "environment.json", json.dumps(environment(), indent=2).encode())
 
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    module = PatchModule(to_dict(cfg))
-    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+    pos_weight = None
+    if cfg.train.class_weights == "auto":
+        positives = float(store.labels[train_idx].sum())
+        pos_weight = (len(train_idx) - positives) / max(positives, 1.0)
+    elif cfg.train.class_weights != "none":
+        raise HistodetectError(
+            f"train.class_weights: {cfg.train.class_weights!r} is not none/auto."
+        )
+    module = PatchModule(to_dict(cfg), pos_weight)
+    from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint
     from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 
-    checkpoint = ModelCheckpoint(
+    best = ModelCheckpoint(
         dirpath=run / "checkpoints",
         filename="best",
         monitor="val_auc",
         mode="max",
         save_last=True,
     )
+    # A resumable last.ckpt every few steps, so a crash loses minutes, not an epoch.
+    periodic = ModelCheckpoint(
+        dirpath=run / "checkpoints",
+        save_top_k=0,
+        save_last=True,
+        every_n_train_steps=max(cfg.train.checkpoint_every, 1),
+    )
     speed = Throughput()
+    callbacks = [best, periodic, speed, ConsumedBatches(), LearningRateMonitor("step")]
+    if cfg.train.freeze_epochs:
+        callbacks.append(FreezeBackbone(cfg.train.freeze_epochs))
+    if cfg.train.early_stopping:
+        callbacks.append(EarlyStopping("val_auc", mode="max", patience=cfg.train.early_stopping))
     trainer = L.Trainer(
         default_root_dir=run,
         max_epochs=cfg.train.epochs,
+        max_steps=cfg.train.max_steps or -1,
         max_time={"minutes": cfg.train.max_minutes} if cfg.train.max_minutes else None,
         accelerator=accelerator,
         devices=devices,
+        num_nodes=num_nodes,
+        strategy=strategy,
         precision=resolve_precision(cfg.train.precision),
-        callbacks=[checkpoint, speed, LearningRateMonitor(logging_interval="step")],
+        accumulate_grad_batches=cfg.train.accumulate,
+        gradient_clip_val=cfg.train.grad_clip or None,
+        callbacks=callbacks,
         logger=[
             CSVLogger(run, name="", version="logs"),
             TensorBoardLogger(run, name="tensorboard", version=""),
@@ -295,17 +445,27 @@ def train(
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=5,
-        deterministic=False,
+        use_distributed_sampler=True,
     )
-    b = cfg.data.batch_size
-    trainer.fit(
-        module,
-        make_loader(store, train_idx, b, shuffle=True, seed=cfg.seed),
-        make_loader(store, valid_idx, b * 2, shuffle=False),
-    )
-    if checkpoint.best_model_path:
-        best = torch.load(checkpoint.best_model_path, map_location="cpu", weights_only=True)
-        module.load_state_dict(best["state_dict"])
+    datamodule = PatchDataModule(store, train_idx, valid_idx, cfg.data.batch_size, cfg.seed)
+    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    if trainer.world_size > 1:
+        record_rank_weights(trainer, module, run)
+    if not trainer.is_global_zero:
+        return TrainResult(
+            str(run),
+            float("nan"),
+            float("nan"),
+            len(train_idx),
+            len(valid_idx),
+            speed.rate,
+            time.perf_counter() - t0,
+            store.synthetic,
+        )
+    best_path = best.best_model_path
+    if best_path:
+        state = torch.load(best_path, map_location="cpu", weights_only=True)
+        module.load_state_dict(state["state_dict"])
     export_model(module, run, {"synthetic": store.synthetic, "data": data_info["fingerprint"]})
 
     # Final numbers come from the same predictor every other command uses.
@@ -328,19 +488,45 @@ def train(
     )
     metrics = {
         "valid": {"auc": auc, "accuracy": acc, "n": len(valid_idx)},
+        "optimizer_steps": int(trainer.global_step),
+        "epochs_run": int(trainer.current_epoch),
         "train_images_per_s": speed.rate,
         "seconds": result.seconds,
-        "best_checkpoint": checkpoint.best_model_path,
+        "best_checkpoint": best_path,
+        "resumed": resume,
         "synthetic": store.synthetic,
     }
     write_atomic(run / "metrics.json", json.dumps(metrics, indent=2).encode())
     csv_path = run / "logs" / "metrics.csv"
     if csv_path.exists():
         title = f"{cfg.model.arch} on {Path(store.manifest['source']['path']).name}"
-        plot_curves(
-            csv_path, run / "curves.png", title + (" (SYNTHETIC DATA)" if store.synthetic else "")
-        )
+        if store.synthetic:
+            title += " (SYNTHETIC DATA)"
+        plot_curves(csv_path, run / "curves.png", title)
     return result
+
+
+def record_rank_weights(trainer: L.Trainer, module: PatchModule, run: Path) -> None:
+    """Under DDP, every rank records a hash of its final weights; rank 0 checks they agree.
+
+    Parameters are compared; BatchNorm running statistics are per-rank by design (DDP
+    broadcasts rank 0's before each forward pass), so they are left out.
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.model.named_parameters()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    folder = run / "ddp"
+    folder.mkdir(exist_ok=True)
+    write_atomic(folder / f"rank{trainer.global_rank}.sha256", digest.hexdigest().encode())
+    trainer.strategy.barrier()
+    if trainer.is_global_zero:
+        hashes = {p.stem: p.read_text() for p in sorted(folder.glob("rank*.sha256"))}
+        same = len(set(hashes.values())) == 1
+        report = {"world_size": trainer.world_size, "identical": same, "hashes": hashes}
+        write_atomic(folder / "check.json", json.dumps(report, indent=2).encode())
+        if not same:
+            raise HistodetectError(f"DDP ranks ended with different weights: {hashes}")
 
 
 def resolve_precision(precision: str) -> str:
@@ -362,3 +548,52 @@ def data_description(store: Store) -> dict:
         "counts": m["counts"],
         "synthetic": store.synthetic,
     }
+
+
+def lr_find(
+    data: str | Path,
+    out: str | Path,
+    cfg: RunConfig | None = None,
+    accelerator: str = "auto",
+    devices: int | str = "auto",
+    steps: int = 100,
+) -> dict:
+    """Sweep the learning rate over ``steps`` batches (Lightning's LR finder) and plot loss.
+
+    Writes ``out`` (a PNG with the suggested LR marked) and returns the suggestion.
+    """
+    from lightning.pytorch.tuner import Tuner
+
+    cfg = cfg or RunConfig()
+    store = ensure_store(data, valid_fraction=cfg.data.valid_fraction, seed=cfg.data.split_seed)
+    train_idx, valid_idx = split_indices_of(store, "train"), split_indices_of(store, "valid")
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    module = PatchModule(to_dict(merge(cfg, {"train": {"schedule": "none"}})))
+    datamodule = PatchDataModule(store, train_idx, valid_idx, cfg.data.batch_size, cfg.seed)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    trainer = L.Trainer(
+        default_root_dir=out.parent / f".{out.stem}-lr-find",
+        accelerator=accelerator,
+        devices=devices,
+        max_epochs=max(1, steps // max(len(train_idx) // cfg.data.batch_size, 1) + 1),
+        logger=False,
+        enable_checkpointing=False,
+        enable_model_summary=False,
+    )
+    finder = Tuner(trainer).lr_find(
+        module,
+        datamodule=datamodule,
+        min_lr=1e-6,
+        max_lr=1.0,
+        num_training=steps,
+        update_attr=False,
+    )
+    fig = finder.plot(suggest=True)
+    title = f"LR finder: {cfg.model.arch}, batch {cfg.data.batch_size}"
+    fig.axes[0].set_title(title + (" (SYNTHETIC DATA)" if store.synthetic else ""))
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    os.replace(tmp, out)
+    suggestion = finder.suggestion()
+    return {"suggested_lr": suggestion, "plot": str(out), "synthetic": store.synthetic}

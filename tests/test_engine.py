@@ -193,3 +193,14 @@ def test_two_process_cpu_ddp_keeps_weights_identical(kaggle_dir, tmp_path):
     assert check["world_size"] == 2 and check["identical"] is True
     assert len(set(check["hashes"].values())) == 1 and len(check["hashes"]) == 2
     assert json.loads((run / "metrics.json").read_text())["optimizer_steps"] == 4
+
+
+@pytest.mark.slow
+def test_every_recommended_backbone_builds_and_scores_96px_patches():
+    from histodetect.models import RECOMMENDED
+
+    for name in RECOMMENDED:
+        model = build_model(name).eval()
+        with torch.no_grad():
+            logits = model(torch.randn(2, 3, 96, 96))
+        assert logits.shape == (2,), name

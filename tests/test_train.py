@@ -94,3 +94,22 @@ def test_short_training_run_writes_a_self_describing_folder(kaggle_dir, tmp_path
     assert auc == pytest.approx(result.val_auc, abs=0.1)
     with pytest.raises(HistodetectError, match="already holds a finished run"):
         train(data, run, cfg, progress=False)
+
+
+def test_centre_crop_keeps_the_labelled_centre():
+    from histodetect.data import centre_crop
+
+    x = torch.zeros(2, 3, 96, 96)
+    x[:, :, 32:64, 32:64] = 1.0
+    cropped = centre_crop(x, 64)
+    assert cropped.shape[-2:] == (64, 64)
+    assert cropped.sum() == x.sum()  # the whole centre box survives
+    assert torch.equal(centre_crop(x, 96), x)
+
+
+def test_unknown_recipe_is_a_clear_error():
+    from histodetect.augment import RECIPES, recipe
+
+    assert recipe("light") == RECIPES["light"]
+    with pytest.raises(HistodetectError, match="choose one of none, light, default, heavy"):
+        recipe("extreme")

@@ -21,10 +21,10 @@ from histodetect.errors import HistodetectError
 PROBABILITIES = (
     "flip",
     "rot90",
-    "affine",
     "crop",
-    "color",
+    "affine",
     "stain",
+    "color",
     "pca",
     "blur",
     "motion_blur",
@@ -116,6 +116,8 @@ class AugmentConfig:
         for name in ("brightness", "contrast", "saturation", "stain_sigma"):
             if getattr(self, name) >= 1:
                 raise bad(name, "must be below 1 (factors are drawn in 1 ± value)")
+        if self.blur_sigma <= 0:
+            raise bad("blur_sigma", "must be above 0 (blur: 0 turns blur off)")
         if self.hue > 0.5:
             raise bad("hue", "must be at most 0.5 (half the colour wheel)")
         if self.motion_blur_kernel < 3:
@@ -149,15 +151,25 @@ RECIPES: dict[str, AugmentConfig] = {
         pca=0.5,
         pca_std=0.2,
         blur=0.2,
-        blur_sigma=1.5,
+        blur_sigma=1.2,
         motion_blur=0.1,
-        motion_blur_kernel=7,
+        motion_blur_kernel=5,
         noise=0.25,
         noise_std=0.04,
         jpeg=0.25,
         jpeg_quality=50.0,
     ),
 }
+
+
+def recipe(name: str) -> AugmentConfig:
+    """The named augmentation recipe; an unknown name is a clear error."""
+    if name not in RECIPES:
+        raise HistodetectError(
+            f"unknown augmentation recipe {name!r}; choose one of {', '.join(RECIPES)}."
+        )
+    return RECIPES[name]
+
 
 # Ruifrok & Johnston (2001) optical-density vectors of haematoxylin, eosin and DAB (rows).
 _RGB_FROM_HED = torch.tensor([[0.650, 0.704, 0.286], [0.072, 0.990, 0.105], [0.268, 0.570, 0.776]])
@@ -260,29 +272,21 @@ class BatchAugment(nn.Module):
         if c.jpeg > 0:
             self.kornia["jpeg"] = K.RandomJPEG(jpeg_quality=(c.jpeg_quality, 100.0), p=1.0)
 
-        steps: list[tuple[float, Callable[[torch.Tensor], torch.Tensor]]] = []
-        if c.flip > 0 or c.rot90 > 0:
-            steps.append((1.0, self._dihedral))  # draws its own per-sample choices
-        if c.crop > 0:
-            steps.append((c.crop, self._crop))
-        if "affine" in self.kornia:
-            steps.append((c.affine, self.kornia["affine"]))
-        if c.stain > 0:
-            steps.append((c.stain, self._stain))
-        if "color" in self.kornia:
-            steps.append((c.color, self.kornia["color"]))
-        if c.pca > 0:
-            steps.append((c.pca, self._pca))
-        if "blur" in self.kornia:
-            steps.append((c.blur, self.kornia["blur"]))
-        if "motion_blur" in self.kornia:
-            steps.append((c.motion_blur, self.kornia["motion_blur"]))
-        if c.noise > 0:
-            steps.append((c.noise, self._noise))
-        if "jpeg" in self.kornia:
+        # (op, probability) in order; an op is a kornia module above or a ``_<op>`` method.
+        steps = [
+            ("dihedral", 1.0 if c.flip > 0 or c.rot90 > 0 else 0.0),  # draws its own choices
+            ("crop", c.crop),
+            ("affine", c.affine),
+            ("stain", c.stain),
+            ("color", c.color),
+            ("pca", c.pca),
+            ("blur", c.blur),
+            ("motion_blur", c.motion_blur),
+            ("noise", c.noise),
             # Last, as a scanner's compression comes after everything the slide went through.
-            steps.append((c.jpeg, self.kornia["jpeg"]))
-        self._steps = steps
+            ("jpeg", c.jpeg),
+        ]
+        self._steps = [(name, p) for name, p in steps if p > 0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Augment a batch.
@@ -296,7 +300,8 @@ class BatchAugment(nn.Module):
         if not self.training or not self._steps:
             return x
         y = x.float()  # kornia's colour ops want float32, whatever autocast does later
-        for p, op in self._steps:
+        for name, p in self._steps:
+            op = self.kornia[name] if name in self.kornia else getattr(self, f"_{name}")
             y = _on_some(y, p, op)
         return y.clamp(0.0, 1.0).to(x.dtype)
 
@@ -341,10 +346,12 @@ class BatchAugment(nn.Module):
         n = x.shape[0]
         alpha = _uniform(n, 1 - self.cfg.stain_sigma, 1 + self.cfg.stain_sigma, x, 3)
         beta = _uniform(n, -self.cfg.stain_bias, self.cfg.stain_bias, x, 3)
-        # Per pixel (row vector) od -> od @ hed_from_rgb (stains) -> * alpha + beta -> @ rgb_from_hed,
-        # folded into one 3x3 matrix and offset per sample so the image is touched only once.
-        mix = self._hed_from_rgb @ (alpha[:, :, None] * self._rgb_from_hed)
-        offset = beta @ self._rgb_from_hed
+        # Per pixel (a row vector): stains = od @ hed_from_rgb, jittered as stains * alpha + beta,
+        # back as stains @ rgb_from_hed; folded into one 3x3 matrix and offset per sample, so
+        # the image is read once.
+        rgb_from_hed, hed_from_rgb = self._rgb_from_hed.to(x), self._hed_from_rgb.to(x)
+        mix = hed_from_rgb @ (alpha[:, :, None] * rgb_from_hed)
+        offset = beta @ rgb_from_hed
         od = -torch.log(x.clamp_min(_OD_EPS)).flatten(2)
         od = torch.baddbmm(offset[:, :, None], mix.transpose(1, 2), od)
         return torch.exp(-od).clamp_max(1.0).view_as(x)

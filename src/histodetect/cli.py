@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -232,6 +233,112 @@ def _print_result(result) -> None:
     )
 
 
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    p.add_argument("--data", required=True, type=Path, help="Kaggle folder, PCam folder or store")
+    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="store the temperature fitted on valid in the run (used by predict)",
+    )
+
+
+@command("evaluate", _evaluate_args)
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a run: AUC and more with 95% bootstrap intervals, thresholds, ROC/PR, calibration.
+
+    Writes metrics_<split>.json and evaluation_<split>.png into the run folder. Thresholds
+    (Youden, 95% sensitivity) and the temperature are chosen on the validation split.
+    """
+    from histodetect.evaluate import evaluate
+
+    ev = evaluate(args.run, args.data, args.split, args.tta, args.bootstrap, args.calibrate)
+    _say(ev.summary())
+    _say(
+        f"written: {args.run / f'metrics_{args.split}.json'}, "
+        f"{args.run / f'evaluation_{args.split}.png'}"
+    )
+    return 0
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", type=Path, nargs="+", help="run folder(s); several = an ensemble")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="Kaggle root (uses test/), a folder of patch files, or a packed store",
+    )
+    p.add_argument("--out", required=True, type=Path, help="CSV to write (id,label)")
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
+    p.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per run")
+    p.add_argument("--split", help="for a packed store: which split (default: test, else all)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="predict the rest; unreadable patches get --fallback and are listed",
+    )
+    p.add_argument("--fallback", type=float, default=0.5, help="probability for bad patches")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+@command("predict", _predict_args)
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict P(tumour) for every patch and write a Kaggle submission (id,label).
+
+    Rows follow sample_submission.csv when DATA has one (else sorted ids), exactly one per id.
+    Several runs are averaged (optionally weighted). The CSV is written atomically.
+    """
+    from histodetect.errors import BadInputError, describe_problems
+    from histodetect.predict import Predictor, list_patches, predict_patches, write_submission
+
+    patches = list_patches(args.data, args.split)
+    if patches.problems and not args.skip_bad:
+        raise BadInputError(
+            f"{args.data}: the test files and sample_submission.csv disagree "
+            f"({len(patches.problems)} problem(s)); fix them or pass --skip-bad:\n"
+            + describe_problems(list(patches.problems)),
+            list(patches.problems),
+        )
+    predictors = [Predictor.from_run(run, args.device) for run in args.runs]
+    probs, bad = predict_patches(
+        predictors, patches, args.tta, args.weights, args.batch_size, args.skip_bad, args.fallback
+    )
+    write_submission(args.out, patches.ids, probs)
+    problems = list(patches.problems) + bad
+    if problems:
+        listing = args.out.with_name(args.out.stem + ".problems.csv")
+        write_submission_problems(listing, problems)
+        _say(
+            f"{len(problems)} problem(s) listed in {listing}; unreadable patches got "
+            f"probability {args.fallback}"
+        )
+    synthetic = any(p.meta.get("synthetic") for p in predictors)
+    _say(
+        f"wrote {len(patches.ids)} predictions to {args.out} (TTA x{args.tta}, "
+        f"{len(predictors)} model(s))" + (" [model trained on SYNTHETIC DATA]" if synthetic else "")
+    )
+    return 0
+
+
+def write_submission_problems(path: Path, problems: list[tuple[str, str]]) -> None:
+    """The patches a prediction could not use, as a csv."""
+    import csv
+    import io
+
+    from histodetect.store import write_atomic
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["where", "problem"])
+    writer.writerows(problems)
+    write_atomic(path, buf.getvalue().encode())
+
+
 def _lr_find_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--out", type=Path, default=Path("lr_find.png"), help="plot to write")
@@ -279,6 +386,27 @@ def cmd_augment_preview(args: argparse.Namespace) -> int:
     idx = np.sort(rng.choice(len(source), size=min(args.n, len(source)), replace=False))
     preview(source.read(idx), augment, args.out, seed=args.seed)
     _say(f"augmentation preview written to {args.out}")
+    return 0
+
+
+def _models_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--all", action="store_true", help="every timm backbone name, not a selection")
+
+
+@command("models", _models_args)
+def cmd_models(args: argparse.Namespace) -> int:
+    """List backbones for --arch: our small CPU model and recommended timm backbones."""
+    from histodetect.models import RECOMMENDED
+
+    if args.all:
+        import timm
+
+        _say("\n".join(["smallcnn", *timm.list_models()]))
+        return 0
+    width = max(map(len, RECOMMENDED))
+    for name, text in RECOMMENDED.items():
+        _say(f"{name:<{width}}  {text}")
+    _say("\nAny other timm model name works too (histodetect models --all lists them).")
     return 0
 
 
@@ -372,6 +500,9 @@ def main(argv: list[str] | None = None) -> int:
             except OSError:
                 pass
         return exc.exit_code
+    except BrokenPipeError:  # e.g. `histodetect models --all | head`
+        sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - stays open until exit
+        return 0
     except KeyboardInterrupt:
         print(f"histodetect {args.command}: interrupted; run it again to resume.", file=sys.stderr)
         return 130

@@ -25,6 +25,7 @@ class DataConfig:
     valid_fraction: float = 0.1
     split_seed: int = 0
     limit_train: int = 0  # 0 = every training patch; else a seeded stratified subset
+    crop: int = 96  # the model sees the centre crop×crop px (after augmentation); 96 = all
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

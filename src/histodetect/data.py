@@ -108,6 +108,15 @@ def to_unit_float(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).contiguous().float().div_(255.0)
 
 
+def centre_crop(x: torch.Tensor, size: int) -> torch.Tensor:
+    """The central ``size`` x ``size`` px of an NCHW batch (the label is about the centre)."""
+    h, w = x.shape[-2:]
+    if size >= min(h, w):
+        return x
+    top, left = (h - size) // 2, (w - size) // 2
+    return x[..., top : top + size, left : left + size]
+
+
 def normalise(
     x: torch.Tensor, mean: Sequence[float], std: Sequence[float], channels_last: bool = True
 ) -> torch.Tensor:
@@ -123,9 +132,10 @@ def to_model_input(
     mean: Sequence[float],
     std: Sequence[float],
     channels_last: bool = True,
+    crop: int = 96,
 ) -> torch.Tensor:
-    """uint8 NHWC → normalised float NCHW, on the tensor's device (cheap on a GPU)."""
-    return normalise(to_unit_float(images), mean, std, channels_last)
+    """uint8 NHWC → centre-cropped, normalised float NCHW, on the tensor's device."""
+    return normalise(centre_crop(to_unit_float(images), crop), mean, std, channels_last)
 
 
 class EpochLoader:

@@ -10,6 +10,19 @@ from torch import nn
 from histodetect.errors import HistodetectError
 
 OWN_MODELS = ("smallcnn",)
+# Backbones the PCam/Kaggle community used, all checked to run at 96 px; any timm name works.
+RECOMMENDED = {
+    "smallcnn": "ours: a compact CNN that trains in minutes on two CPU cores (default)",
+    "resnet18": "ResNet-18, a solid fast baseline",
+    "resnet50": "ResNet-50",
+    "legacy_xception": "Xception (the Keras original, as in many Kaggle kernels)",
+    "xception41": "Xception-41 (timm's aligned variant)",
+    "mobilenetv2_100": "MobileNetV2, light for CPUs and phones",
+    "mnasnet_100": "MnasNet (NASNet-mobile's successor in timm)",
+    "nasnetalarge": "NASNet-A large (85M parameters: GPU only)",
+    "efficientnet_b0": "EfficientNet-B0",
+    "convnext_tiny": "ConvNeXt-Tiny",
+}
 
 
 def _block(c_in: int, c_out: int) -> nn.Sequential:

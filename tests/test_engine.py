@@ -204,3 +204,33 @@ def test_every_recommended_backbone_builds_and_scores_96px_patches():
         with torch.no_grad():
             logits = model(torch.randn(2, 3, 96, 96))
         assert logits.shape == (2,), name
+
+
+@pytest.mark.slow
+def test_lr_finder_and_augment_preview_write_their_plots(kaggle_dir, tmp_path):
+    from histodetect.cli import main
+
+    data = kaggle_dir(n=64)
+    plot = tmp_path / "lr.png"
+    assert (
+        main(
+            [
+                "lr-find",
+                "--data",
+                str(data),
+                "--out",
+                str(plot),
+                "--steps",
+                "12",
+                "--batch-size",
+                "8",
+                "--accelerator",
+                "cpu",
+            ]
+        )
+        == 0
+    )
+    assert plot.stat().st_size > 5_000
+    grid = tmp_path / "aug.png"
+    assert main(["augment-preview", str(data), "--out", str(grid), "--recipe", "heavy"]) == 0
+    assert grid.stat().st_size > 5_000

@@ -136,3 +136,17 @@ def test_point_metrics_match_a_hand_count():
     assert m["sensitivity"] == 0.75 and m["specificity"] == 0.75 and m["accuracy"] == 0.75
     assert m["precision"] == 0.75 and m["f1"] == pytest.approx(0.75)
     assert m["auc"] == pytest.approx(0.875)
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_pytorch_with_any_batch_size(trained_run, tmp_path):
+    import onnxruntime as ort
+
+    data, run = trained_run
+    proc = _cli("export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    images = np.stack([tifffile.imread(f) for f in sorted((data / "test").glob("*.tif"))[:7]])
+    got = session.run(["probability"], {"patches": images})[0]
+    want = Predictor.from_run(run).predict_proba(images)
+    assert got.shape == (7,) and np.abs(got - want).max() < 1e-4

@@ -339,6 +339,26 @@ def write_submission_problems(path: Path, problems: list[tuple[str, str]]) -> No
     write_atomic(path, buf.getvalue().encode())
 
 
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--out", type=Path, help="file to write (default RUN/model.onnx)")
+    p.add_argument("--opset", type=int, default=17)
+
+
+@command("export", _export_args)
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's model to ONNX (uint8 patches in, probabilities out, dynamic batch).
+
+    The file is checked against PyTorch with onnxruntime before it is kept.
+    """
+    from histodetect.export import export_onnx
+
+    path, diff = export_onnx(args.run, args.out, args.opset)
+    _say(f"wrote {path} (max |ONNX - PyTorch| = {diff:.1e} on random patches)")
+    return 0
+
+
 def _lr_find_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--out", type=Path, default=Path("lr_find.png"), help="plot to write")
@@ -358,7 +378,10 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
         args.data, args.out, _load_run_config(args), args.accelerator, _devices(args), args.steps
     )
     tag = " [SYNTHETIC DATA]" if found["synthetic"] else ""
-    _say(f"suggested learning rate: {found['suggested_lr']:.2e} (plot: {found['plot']}){tag}")
+    if found["suggested_lr"] is None:
+        _say(f"no clear suggestion (the loss never fell steadily): read {found['plot']}{tag}")
+    else:
+        _say(f"suggested learning rate: {found['suggested_lr']:.2e} (plot: {found['plot']}){tag}")
     return 0
 
 

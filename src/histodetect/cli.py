@@ -339,6 +339,72 @@ def write_submission_problems(path: Path, problems: list[tuple[str, str]]) -> No
     write_atomic(path, buf.getvalue().encode())
 
 
+# ----------------------------------------------------------------------------- explain
+
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", type=Path, help="Kaggle folder, PCam folder or store: galleries")
+    what.add_argument("--image", type=Path, help="one patch file (.tif/.png/.jpg): one figure")
+    p.add_argument(
+        "--out", required=True, type=Path, help="folder (with --data) or PNG file (with --image)"
+    )
+    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument("--n", type=int, default=16, help="patches per gallery (default 16)")
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
+
+
+@command("explain", _explain_args)
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Show where the model sees tumour: Grad-CAM of its worst and least certain patches.
+
+    With --data: predicts a split, picks the top losses (most confident mistakes) and the
+    patches closest to the threshold, and writes top_losses.png, uncertain.png and
+    explain.json into --out. With --image: one patch and its Grad-CAM overlay as one PNG.
+    """
+    if args.image is not None:
+        from histodetect.explain import explain_image
+
+        prob = explain_image(args.run, args.image, args.out)
+        _say(f"P(tumour) = {prob:.4f} for {args.image}; figure written to {args.out}")
+        return 0
+    from histodetect.explain import explain_run
+
+    summary = explain_run(args.run, args.data, args.out, args.split, args.n, args.tta)
+    tag = " [SYNTHETIC DATA]" if summary["synthetic"] else ""
+    _say(
+        f"{summary['misclassified']} of {summary['n_patches']} {args.split} patches "
+        f"misclassified at threshold {summary['threshold']:.2f}{tag}\nwritten: "
+        f"{args.out / 'top_losses.png'}, {args.out / 'uncertain.png'}, {args.out / 'explain.json'}"
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- report
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    p.add_argument(
+        "--data", type=Path, help="the run's data: evaluate and explain first where not done yet"
+    )
+
+
+@command("report", _report_args)
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write RUN/report.html: one offline page with data, curves, metrics, figures and Grad-CAM.
+
+    Everything is embedded (no network, no JavaScript): send the single file to a reviewer.
+    With --data, a run not yet evaluated is evaluated on its validation split, and one without
+    RUN/explain/ gets its Grad-CAM galleries first.
+    """
+    from histodetect.report import build_report
+
+    _say(f"report written to {build_report(args.run, args.data)}")
+    return 0
+
+
 def _export_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder")
     p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")

@@ -38,6 +38,16 @@ def ensure_store(data: str | Path, progress: bool = True, **pack_args) -> Store:
     return open_store(target)
 
 
+def run_split_args(run: Path) -> dict:
+    """A run's own train/valid split settings, so packing DATA again reproduces its split."""
+    if not (Path(run) / "config.yaml").exists():
+        return {}
+    from histodetect.config import load_config
+
+    d = load_config(Path(run) / "config.yaml").data
+    return {"valid_fraction": d.valid_fraction, "seed": d.split_seed}
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Patches of a store as (uint8 HWC tensor, float label); fetched a whole batch at a time."""
 

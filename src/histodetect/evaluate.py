@@ -279,12 +279,12 @@ def evaluate(
     Thresholds and the temperature are chosen on the validation split. With ``calibrate`` the
     fitted temperature is stored in the run's ``model.json`` for later predictions.
     """
-    from histodetect.data import ensure_store, split_indices_of
+    from histodetect.data import ensure_store, run_split_args, split_indices_of
     from histodetect.predict import MODEL_META, Predictor
 
     run = Path(run)
     predictor = Predictor.from_run(run)
-    store = ensure_store(data, progress=False)
+    store = ensure_store(data, progress=False, **run_split_args(run))
     idx = split_indices_of(store, split)
     idx = idx[store.labels[idx] >= 0]
     if len(idx) == 0:

@@ -129,11 +129,11 @@ class PatchModule(L.LightningModule):
             raise HistodetectError(f"train.optimizer: {t.optimizer!r} is not adamw or sgd.")
         steps = int(self.trainer.estimated_stepping_batches)
         if t.schedule == "onecycle":
+            total = max(steps, 4)
+            # OneCycleLR needs at least one step up and one down: matters only for tiny runs.
+            warmup = min(max(t.warmup_fraction, 1.5 / total), (total - 1.5) / total)
             sched = torch.optim.lr_scheduler.OneCycleLR(
-                opt,
-                max_lr=[g["lr"] for g in groups],
-                total_steps=max(steps, 2),
-                pct_start=t.warmup_fraction,
+                opt, max_lr=[g["lr"] for g in groups], total_steps=total, pct_start=warmup
             )
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if t.schedule == "cosine":

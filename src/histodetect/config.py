@@ -64,6 +64,7 @@ class TrainConfig:
     grad_clip: float = 0.0  # 0 = off
     precision: str = "auto"  # auto | 32-true | bf16-mixed | 16-mixed
     checkpoint_every: int = 50  # optimiser steps between resumable last.ckpt saves
+    ema: float = 0.0  # decay of an exponential moving average of the weights; 0 = off
 
 
 @dataclass(frozen=True)

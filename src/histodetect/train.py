@@ -449,6 +449,11 @@ def train(
         callbacks.append(TQDMProgressBar(refresh_rate=10))
     if cfg.train.freeze_epochs:
         callbacks.append(FreezeBackbone(cfg.train.freeze_epochs))
+    if cfg.train.ema:
+        from lightning.pytorch.callbacks import EMAWeightAveraging
+
+        # Validation, checkpoints and the exported model then use the averaged weights.
+        callbacks.append(EMAWeightAveraging(decay=cfg.train.ema))
     if cfg.train.early_stopping:
         callbacks.append(EarlyStopping("val_auc", mode="max", patience=cfg.train.early_stopping))
     trainer = L.Trainer(

@@ -112,7 +112,8 @@ def calibrate_epochs(n_train: int, minutes: float, batch_size: int = 128) -> int
     """Epochs of the default recipe that fit the budget, from a short speed measurement."""
     module = PatchModule(to_dict(RunConfig())).train()
     opt = torch.optim.AdamW(module.parameters())
-    x = torch.randn(batch_size, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    size = RunConfig().data.crop
+    x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch_size,)).float()
     for i in range(8):
         if i == 3:

@@ -33,7 +33,8 @@ def raw_rate(batch_size: int, steps: int, warmup: int = 3) -> float:
     """Images/s of bare training steps of the default model on random normalised tensors."""
     module = PatchModule(to_dict(RunConfig())).train()
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)
-    x = torch.randn(batch_size, 3, 96, 96).contiguous(memory_format=torch.channels_last)
+    size = RunConfig().data.crop  # the model's input after the centre crop
+    x = torch.randn(batch_size, 3, size, size).contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, 2, (batch_size,)).float()
     t0 = 0.0
     for i in range(warmup + steps):

@@ -20,6 +20,10 @@ def run_cli(*args: str) -> subprocess.CompletedProcess:
 
 def test_every_subcommand_has_help_from_its_docstring(capsys):
     parser = build_parser()
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--help"])
+    overview = capsys.readouterr().out
+    assert all(name in overview for name in COMMANDS)
     for name, (func, _) in COMMANDS.items():
         with pytest.raises(SystemExit):
             parser.parse_args([name, "--help"])

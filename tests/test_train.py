@@ -113,3 +113,14 @@ def test_unknown_recipe_is_a_clear_error():
     assert recipe("light") == RECIPES["light"]
     with pytest.raises(HistodetectError, match="choose one of none, light, default, heavy"):
         recipe("extreme")
+
+
+def test_inference_preprocessing_equals_the_training_path():
+    from histodetect.data import centre_crop, normalise, to_unit_float
+
+    images = torch.randint(0, 256, (3, 96, 96, 3), dtype=torch.uint8)
+    mean, std = (0.7, 0.55, 0.7), (0.24, 0.28, 0.21)
+    for crop in (96, 64):
+        fast = to_model_input(images, mean, std, crop=crop)
+        slow = normalise(centre_crop(to_unit_float(images), crop), mean, std)
+        assert torch.allclose(fast, slow, atol=1e-5)

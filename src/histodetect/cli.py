@@ -564,7 +564,7 @@ def build_parser() -> argparse.ArgumentParser:
         doc = inspect.getdoc(func) or ""
         p = sub.add_parser(
             name,
-            help=doc.splitlines()[0] if doc else None,
+            help=doc.splitlines()[0].replace("%", "%%") if doc else None,  # argparse %-formats
             description=doc,
             formatter_class=argparse.RawDescriptionHelpFormatter,
         )

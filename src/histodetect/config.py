@@ -25,7 +25,9 @@ class DataConfig:
     valid_fraction: float = 0.1
     split_seed: int = 0
     limit_train: int = 0  # 0 = every training patch; else a seeded stratified subset
-    crop: int = 96  # the model sees the centre crop×crop px (after augmentation); 96 = all
+    # The model sees the centre crop x crop px (after augmentation; 96 = all). The label is
+    # about the centre 32x32, and 64 px keeps 16 px of context around it at 2.25x the speed.
+    crop: int = 64
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

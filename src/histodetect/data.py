@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -157,3 +158,58 @@ def to_model_input(
     bias = torch.tensor([-m / v for m, v in zip(mean, std, strict=True)], device=x.device)
     x = x.mul_(scale).add_(bias.view(1, 3, 1, 1))
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+class EpochLoader:
+    """Seeded, shardable and resumable training batches of (uint8 images, labels).
+
+    Epoch ``e`` visits a permutation drawn from ``(seed, e)``, so a run resumed after a crash
+    sees exactly the batches it would have seen. Under DDP each rank takes every
+    ``world``-th sample of that permutation (padded like ``DistributedSampler`` so every rank
+    runs the same number of steps). ``state_dict`` records how many batches of the current
+    epoch training has consumed; Lightning stores it in checkpoints and hands it back on resume,
+    when those batches are skipped.
+    """
+
+    def __init__(
+        self,
+        dataset: PatchDataset,
+        batch_size: int,
+        seed: int = 0,
+        rank: int = 0,
+        world: int = 1,
+        epoch_fn=lambda: 0,
+    ) -> None:
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.rank, self.world = rank, world
+        self.epoch_fn = epoch_fn
+        self.consumed = 0  # incremented by ConsumedBatches as training takes each batch
+        self._skip = 0
+
+    def _order(self, epoch: int) -> np.ndarray:
+        n = len(self.dataset)
+        order = np.random.default_rng([self.seed, epoch]).permutation(n)
+        per_rank = math.ceil(n / self.world)
+        order = np.resize(order, per_rank * self.world)  # repeats the head to pad, as DDP does
+        return order[self.rank :: self.world]
+
+    def __len__(self) -> int:
+        per_rank = math.ceil(len(self.dataset) / self.world)
+        return math.ceil(per_rank / self.batch_size)
+
+    def __iter__(self):
+        order = self._order(self.epoch_fn())
+        skip, self._skip = self._skip, 0
+        self.consumed = skip
+        for start in range(skip * self.batch_size, len(order), self.batch_size):
+            yield self.dataset.__getitems__(order[start : start + self.batch_size])
+
+    def state_dict(self) -> dict:
+        """Batches of the current epoch already trained on."""
+        return {"consumed": self.consumed, "seed": self.seed}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Skip the batches a resumed epoch already trained on."""
+        self._skip = int(state.get("consumed", 0)) % max(len(self), 1)

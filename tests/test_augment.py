@@ -196,3 +196,21 @@ def test_preview_writes_a_png(tmp_path: Path) -> None:
     h, w = imread(out).shape[:2]
     assert w > h > 0  # 3 rows, 4 columns
     assert [p.name for p in tmp_path.iterdir()] == ["preview.png"]
+
+
+def test_crop_argument_gives_the_centre_of_the_full_augmentation():
+    from histodetect.augment import RECIPES, BatchAugment
+    from histodetect.data import centre_crop
+
+    x = torch.rand(6, 3, 96, 96)
+    aug = BatchAugment(RECIPES["light"]).train()
+    torch.manual_seed(3)
+    cropped = aug(x, crop=64)
+    torch.manual_seed(3)
+    full = aug(x)
+    assert cropped.shape[-2:] == (64, 64)
+    assert torch.equal(cropped, centre_crop(full, 64))  # geometric ops saw the whole patch
+    assert torch.equal(aug.eval()(x, crop=64), centre_crop(x, 64))
+    heavy = BatchAugment(RECIPES["heavy"]).train()
+    out = heavy(x, crop=64)
+    assert out.shape == (6, 3, 64, 64) and out.min() >= 0 and out.max() <= 1

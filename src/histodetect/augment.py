@@ -15,6 +15,7 @@ from kornia.geometry.transform import crop_and_resize
 from torch import nn
 
 from histodetect import CENTRE, PATCH_SIZE
+from histodetect.data import centre_crop
 from histodetect.errors import HistodetectError
 
 # The probability fields of AugmentConfig; every other field is a strength.
@@ -220,6 +221,9 @@ def _uniform(n: int, low: float, high: float, like: torch.Tensor, *shape: int) -
     return low + (high - low) * u
 
 
+_GEOMETRIC = frozenset({"dihedral", "crop", "affine"})
+
+
 class BatchAugment(nn.Module):
     """Random per-sample augmentation of a whole batch, on whatever device the batch is on.
 
@@ -288,21 +292,29 @@ class BatchAugment(nn.Module):
         ]
         self._steps = [(name, p) for name, p in steps if p > 0]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, crop: int | None = None) -> torch.Tensor:
         """Augment a batch.
 
         Args:
             x: Float (N, 3, H, W) images in [0, 1], square.
+            crop: When the model sees only the centre ``crop`` px, the geometric ops run on the
+                whole patch (they need its surroundings) and the pixel-wise ones on the centre
+                only, which is what survives: the same result for less work.
 
         Returns:
-            The augmented batch: same shape, dtype and device, values in [0, 1].
+            The augmented batch, values in [0, 1]: same shape, dtype and device, or the centre
+            ``crop`` x ``crop`` when ``crop`` is given.
         """
         if not self.training or not self._steps:
-            return x
+            return x if crop is None else centre_crop(x, crop)
         y = x.float()  # kornia's colour ops want float32, whatever autocast does later
         for name, p in self._steps:
+            if name not in _GEOMETRIC and crop is not None:
+                y, crop = centre_crop(y, crop), None
             op = self.kornia[name] if name in self.kornia else getattr(self, f"_{name}")
             y = _on_some(y, p, op)
+        if crop is not None:
+            y = centre_crop(y, crop)
         return y.clamp(0.0, 1.0).to(x.dtype)
 
     def _dihedral(self, x: torch.Tensor) -> torch.Tensor:

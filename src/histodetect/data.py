@@ -48,6 +48,20 @@ def run_split_args(run: Path) -> dict:
     return {"valid_fraction": d.valid_fraction, "seed": d.split_seed}
 
 
+def labelled_split(run: Path, data: str | Path, split: str) -> tuple[Store, np.ndarray]:
+    """DATA packed with the run's own split settings, and the labelled patches of ``split``."""
+    from histodetect.errors import HistodetectError
+
+    store = ensure_store(data, progress=False, **run_split_args(run))
+    idx = split_indices_of(store, split)
+    idx = idx[store.labels[idx] >= 0]
+    if len(idx) == 0:
+        raise HistodetectError(
+            f"{data}: no labelled patches in split {split!r} ({store.counts()})."
+        )
+    return store, idx
+
+
 class PatchDataset(torch.utils.data.Dataset):
     """Patches of a store as (uint8 HWC tensor, float label); fetched a whole batch at a time."""
 

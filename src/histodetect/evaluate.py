@@ -279,18 +279,12 @@ def evaluate(
     Thresholds and the temperature are chosen on the validation split. With ``calibrate`` the
     fitted temperature is stored in the run's ``model.json`` for later predictions.
     """
-    from histodetect.data import ensure_store, run_split_args, split_indices_of
+    from histodetect.data import labelled_split, split_indices_of
     from histodetect.predict import MODEL_META, Predictor
 
     run = Path(run)
     predictor = Predictor.from_run(run)
-    store = ensure_store(data, progress=False, **run_split_args(run))
-    idx = split_indices_of(store, split)
-    idx = idx[store.labels[idx] >= 0]
-    if len(idx) == 0:
-        raise HistodetectError(
-            f"{data}: no labelled patches in split {split!r} ({store.counts()})."
-        )
+    store, idx = labelled_split(run, data, split)
     p = predictor.predict_proba(store.read(idx), tta=tta)
     y = store.labels[idx].astype(np.int64)
     calibration = None

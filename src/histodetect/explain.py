@@ -290,19 +290,13 @@ def explain_run(
     Returns:
         The content of ``explain.json``.
     """
-    from histodetect.data import ensure_store, run_split_args, split_indices_of
+    from histodetect.data import labelled_split
 
     run, out = Path(run), Path(out)
     if n < 1:
         raise HistodetectError(f"--n must be at least 1, got {n}.")
     predictor = Predictor.from_run(run)
-    store = ensure_store(data, progress=False, **run_split_args(run))
-    idx = split_indices_of(store, split)
-    idx = idx[store.labels[idx] >= 0]
-    if len(idx) == 0:
-        raise HistodetectError(
-            f"{data}: no labelled patches in split {split!r} ({store.counts()})."
-        )
+    store, idx = labelled_split(run, data, split)
     probs = np.concatenate(
         [
             predictor.predict_proba(store.read(idx[s : s + READ_CHUNK]), tta=tta)

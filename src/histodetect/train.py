@@ -22,7 +22,6 @@ from histodetect.config import RunConfig, load_config, merge, save_config, to_di
 from histodetect.data import (
     EpochLoader,
     PatchDataset,
-    centre_crop,
     ensure_store,
     make_loader,
     normalise,
@@ -86,7 +85,7 @@ class PatchModule(L.LightningModule):
         # Batches cross to the device as uint8 (4x less traffic); the float work happens here.
         images, labels = batch
         d = self.cfg.data
-        x = centre_crop(self.augment(to_unit_float(images)), d.crop)
+        x = self.augment(to_unit_float(images), crop=d.crop)
         return normalise(x, d.mean, d.std, self.cfg.model.channels_last), labels
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

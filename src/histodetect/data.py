@@ -210,15 +210,17 @@ class EpochLoader:
         return order[self.rank :: self.world]
 
     def __len__(self) -> int:
+        # The ragged last batch is dropped: a batch of a handful of patches (5,633 = 44 x 128
+        # + 1 here) makes a wild gradient step and pulls BatchNorm's running statistics.
         per_rank = math.ceil(len(self.dataset) / self.world)
-        return math.ceil(per_rank / self.batch_size)
+        return max(1, per_rank // self.batch_size)
 
     def __iter__(self):
         order = self._order(self.epoch_fn())
         skip, self._skip = self._skip, 0
         self.consumed = skip
-        for start in range(skip * self.batch_size, len(order), self.batch_size):
-            yield self.dataset.__getitems__(order[start : start + self.batch_size])
+        for b in range(skip, len(self)):
+            yield self.dataset.__getitems__(order[b * self.batch_size : (b + 1) * self.batch_size])
 
     def state_dict(self) -> dict:
         """Batches of the current epoch already trained on."""

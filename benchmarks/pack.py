@@ -18,13 +18,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import SAMPLE
 from PIL import Image
 
 from histodetect.config import IMAGENET_MEAN, IMAGENET_STD
 from histodetect.data import to_model_input
 from histodetect.store import open_store
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "pcam-sample"
+DEFAULT = SAMPLE
 
 
 def pil_loop(files: list[Path]) -> float:

@@ -17,12 +17,13 @@ import time
 from pathlib import Path
 
 import torch
+from common import SAMPLE
 
 from histodetect.config import RunConfig, to_dict
 from histodetect.predict import Predictor, list_patches, predict_patches, write_submission
 from histodetect.train import PatchModule, export_model
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "pcam-sample" / "train"
+DEFAULT = SAMPLE / "train"
 
 
 def raw_rate(predictor: Predictor, n: int, batch: int = 256) -> float:

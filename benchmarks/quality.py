@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import SAMPLE, train_cli
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
@@ -37,7 +36,7 @@ from histodetect.predict import Predictor
 from histodetect.store import Store, open_store
 from histodetect.train import PatchModule
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "pcam-sample"
+DEFAULT = SAMPLE
 
 
 def auc(probs: np.ndarray, labels: np.ndarray) -> float:
@@ -156,24 +155,7 @@ def main() -> None:
     epochs = calibrate_epochs(len(train), args.minutes)
     run = tmp / "run"
     t0 = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "histodetect.cli",
-            "train",
-            "--data",
-            str(store_path),
-            "--out",
-            str(run),
-            "--epochs",
-            str(epochs),
-            "--max-minutes",
-            str(args.minutes),
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
-    )
+    train_cli(store_path, run, "--epochs", str(epochs), "--max-minutes", str(args.minutes))
     minutes = (time.perf_counter() - t0) / 60
     metrics = json.loads((run / "metrics.json").read_text())
     predictor = Predictor.from_run(run)

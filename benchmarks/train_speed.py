@@ -14,19 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+from common import SAMPLE, train_cli
 
 from histodetect.config import RunConfig, to_dict
 from histodetect.pack import pack
 from histodetect.train import PatchModule
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "pcam-sample"
+DEFAULT = SAMPLE
 
 
 def raw_rate(batch_size: int, steps: int, warmup: int = 3) -> float:
@@ -50,27 +49,17 @@ def raw_rate(batch_size: int, steps: int, warmup: int = 3) -> float:
 def end_to_end_rate(store: Path, run: Path, batch_size: int, steps: int) -> tuple[float, float]:
     """(images/s over training batches, whole-command wall seconds) of `histodetect train`."""
     t0 = time.perf_counter()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "histodetect.cli",
-            "train",
-            "--data",
-            str(store),
-            "--out",
-            str(run),
-            "--max-steps",
-            str(steps + 3),
-            "--epochs",
-            "1000",
-            "--batch-size",
-            str(batch_size),
-            "--accelerator",
-            "cpu",
-        ],
-        check=True,
-        stdout=subprocess.DEVNULL,
+    train_cli(
+        store,
+        run,
+        "--max-steps",
+        str(steps + 3),
+        "--epochs",
+        "1000",
+        "--batch-size",
+        str(batch_size),
+        "--accelerator",
+        "cpu",
     )
     metrics = json.loads((run / "metrics.json").read_text())
     return metrics["train_images_per_s"], time.perf_counter() - t0

@@ -9,17 +9,17 @@ Every view count scores the same patches of the seeded validation split with the
 from __future__ import annotations
 
 import argparse
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from common import SAMPLE, train_cli
 
 from histodetect.data import ensure_store, split_indices_of
 from histodetect.evaluate import bootstrap_intervals, point_metrics
 from histodetect.predict import Predictor
 
-DEFAULT = Path(__file__).resolve().parents[2] / "shared" / "pcam-sample"
+DEFAULT = SAMPLE
 
 
 def main() -> None:
@@ -31,24 +31,7 @@ def main() -> None:
     run = args.run
     if run is None:
         run = Path(tempfile.mkdtemp(prefix="hd-tta-")) / "run"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "histodetect.cli",
-                "train",
-                "--data",
-                str(args.data),
-                "--out",
-                str(run),
-                "--epochs",
-                "1000",
-                "--max-minutes",
-                str(args.minutes),
-            ],
-            check=True,
-            stdout=subprocess.DEVNULL,
-        )
+        train_cli(args.data, run, "--epochs", "1000", "--max-minutes", str(args.minutes))
     store = ensure_store(args.data, progress=False)
     valid = split_indices_of(store, "valid")
     images, labels = store.read(valid), store.labels[valid].astype(int)

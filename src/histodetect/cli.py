@@ -94,6 +94,9 @@ def cmd_pack(args: argparse.Namespace) -> int:
         seed=args.seed,
         progress=not args.quiet,
     )
+    if result.decoded_this_run == 0:
+        _say(f"{result.store} already holds these {result.patches} packed patches; nothing to do.")
+        return 0
     resumed = f", {result.chunks_resumed} chunk(s) resumed" if result.chunks_resumed else ""
     _say(
         f"packed {result.patches} patches into {result.store} "

@@ -25,9 +25,10 @@ class DataConfig:
     valid_fraction: float = 0.1
     split_seed: int = 0
     limit_train: int = 0  # 0 = every training patch; else a seeded stratified subset
-    # The model sees the centre crop x crop px (after augmentation; 96 = all). The label is
-    # about the centre 32x32, and 64 px keeps 16 px of context around it at 2.25x the speed.
-    crop: int = 64
+    # The model sees the centre crop x crop px (after augmentation; 96 = all). 64 px trains
+    # 2.25x faster, but on the real sample the whole patch scored higher in the same 20 min
+    # (val AUC 0.948 vs 0.935): the context around the labelled centre carries signal.
+    crop: int = 96
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
 

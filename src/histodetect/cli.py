@@ -298,6 +298,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     """
     from histodetect.errors import BadInputError, describe_problems
     from histodetect.predict import Predictor, list_patches, predict_patches, write_submission
+    from histodetect.store import write_problems_csv
 
     patches = list_patches(args.data, args.split)
     if patches.problems and not args.skip_bad:
@@ -315,7 +316,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     problems = list(patches.problems) + bad
     if problems:
         listing = args.out.with_name(args.out.stem + ".problems.csv")
-        write_submission_problems(listing, problems)
+        write_problems_csv(listing, problems)
         _say(
             f"{len(problems)} problem(s) listed in {listing}; unreadable patches got "
             f"probability {args.fallback}"
@@ -326,20 +327,6 @@ def cmd_predict(args: argparse.Namespace) -> int:
         f"{len(predictors)} model(s))" + (" [model trained on SYNTHETIC DATA]" if synthetic else "")
     )
     return 0
-
-
-def write_submission_problems(path: Path, problems: list[tuple[str, str]]) -> None:
-    """The patches a prediction could not use, as a csv."""
-    import csv
-    import io
-
-    from histodetect.store import write_atomic
-
-    buf = io.StringIO()
-    writer = csv.writer(buf)
-    writer.writerow(["where", "problem"])
-    writer.writerows(problems)
-    write_atomic(path, buf.getvalue().encode())
 
 
 # ----------------------------------------------------------------------------- explain

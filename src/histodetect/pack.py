@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import os
 import shutil
@@ -19,7 +17,16 @@ import numpy as np
 from histodetect import PATCH_SIZE, __version__
 from histodetect.errors import BadInputError, HistodetectError, describe_problems
 from histodetect.sources import Source, open_source
-from histodetect.store import FORMAT, IMAGES, INDEX, MANIFEST, VERSION, index_bytes, write_atomic
+from histodetect.store import (
+    FORMAT,
+    IMAGES,
+    INDEX,
+    MANIFEST,
+    VERSION,
+    index_bytes,
+    write_atomic,
+    write_problems_csv,
+)
 
 PLAN = "pack-plan.json"
 LOG = "pack-progress.jsonl"
@@ -253,11 +260,7 @@ def pack(
     write_atomic(out / INDEX, blob)
     all_problems = list(source.problems) + problems
     if all_problems:
-        buf = io.StringIO()
-        writer = csv.writer(buf)
-        writer.writerow(["where", "problem"])
-        writer.writerows(all_problems)
-        write_atomic(out / BAD_LIST, buf.getvalue().encode())
+        write_problems_csv(out / BAD_LIST, all_problems)
     kept_source = Source(source.kind, source.path, index["ids"], index["labels"], index["splits"])
     manifest = {
         "format": FORMAT,

@@ -45,6 +45,17 @@ def write_atomic(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
+def write_problems_csv(path: Path, problems: list[tuple[str, str]]) -> None:
+    """List patches that could not be used as a ``where,problem`` csv, written atomically."""
+    import csv
+
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["where", "problem"])
+    writer.writerows(problems)
+    write_atomic(path, buf.getvalue().encode())
+
+
 @dataclass
 class Store(Source):
     """A packed store opened read-only; ``images`` is a memory map of every packed row."""

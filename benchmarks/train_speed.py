@@ -28,7 +28,7 @@ from histodetect.train import PatchModule
 DEFAULT = SAMPLE
 
 
-def raw_rate(batch_size: int, steps: int, warmup: int = 3) -> float:
+def raw_rate(batch_size: int, steps: int, warmup: int = 10) -> float:
     """Images/s of bare training steps of the default model on random normalised tensors."""
     module = PatchModule(to_dict(RunConfig())).train()
     opt = torch.optim.AdamW(module.parameters(), lr=1e-3)

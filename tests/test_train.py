@@ -124,3 +124,23 @@ def test_inference_preprocessing_equals_the_training_path():
         fast = to_model_input(images, mean, std, crop=crop)
         slow = normalise(centre_crop(to_unit_float(images), crop), mean, std)
         assert torch.allclose(fast, slow, atol=1e-5)
+
+
+def test_ema_forgets_the_initial_weights_and_keeps_integer_buffers():
+    from torch.optim.swa_utils import AveragedModel
+
+    from histodetect.train import ema_with_warmup
+
+    live = torch.nn.BatchNorm1d(1)
+    avg = AveragedModel(live, avg_fn=ema_with_warmup(0.998), use_buffers=True)
+    with torch.no_grad():
+        live.weight.fill_(0.0)
+    avg.update_parameters(live)  # the first update copies the initial weights
+    with torch.no_grad():
+        live.weight.fill_(1.0)
+    for _ in range(200):
+        live.num_batches_tracked += 1
+        avg.update_parameters(live)
+    # A fixed decay of 0.998 would still hold 0.998**200 = 67 % of the initial weight.
+    assert avg.module.weight.item() > 0.95
+    assert avg.module.num_batches_tracked.item() == 200

@@ -9,10 +9,11 @@ from torch import nn
 
 from histodetect.errors import HistodetectError
 
-OWN_MODELS = ("smallcnn",)
+OWN_MODELS = ("smallcnn", "smallfcn")
 # Backbones the PCam/Kaggle community used, all checked to run at 96 px; any timm name works.
 RECOMMENDED = {
     "smallcnn": "ours: a compact CNN that trains in minutes on two CPU cores (default)",
+    "smallfcn": "ours: padding-free CNN for fast exact dense whole-slide maps (slide --mode dense)",
     "resnet18": "ResNet-18, a solid fast baseline",
     "resnet50": "ResNet-50",
     "legacy_xception": "Xception (the Keras original, as in many Kaggle kernels)",
@@ -105,6 +106,13 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def build_backbone(arch: str, pretrained: bool = False) -> tuple[nn.Module, int]:
     """Create a feature extractor returning pooled features, and its feature width."""
+    if arch == "smallfcn":  # padding-free: `histodetect slide` maps it densely, see dense.py
+        from histodetect.dense import SmallFCN
+
+        if pretrained:
+            raise HistodetectError("smallfcn has no pretrained weights; drop --pretrained.")
+        net = SmallFCN()
+        return net, net.num_features
     if arch == "smallcnn":
         if pretrained:
             raise HistodetectError("smallcnn has no pretrained weights; drop --pretrained.")

@@ -137,7 +137,9 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     """Arguments shared by train and lr-find."""
     p.add_argument("--data", required=True, type=Path, help="Kaggle folder, PCam folder or store")
     p.add_argument("--config", type=Path, help="YAML file overriding the defaults")
-    p.add_argument("--arch", help="smallcnn or any timm model name (e.g. resnet18)")
+    p.add_argument(
+        "--arch", help="smallcnn, smallfcn (padding-free) or any timm model name (e.g. resnet18)"
+    )
     p.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights (online)")
     p.add_argument("--weights", help="local backbone state dict (.safetensors/.pth), offline")
     p.add_argument("--augment", help="augmentation recipe: none, light, default or heavy")
@@ -475,17 +477,179 @@ def _models_args(p: argparse.ArgumentParser) -> None:
 @command("models", _models_args)
 def cmd_models(args: argparse.Namespace) -> int:
     """List backbones for --arch: our small CPU model and recommended timm backbones."""
-    from histodetect.models import RECOMMENDED
+    from histodetect.models import OWN_MODELS, RECOMMENDED
 
     if args.all:
         import timm
 
-        _say("\n".join(["smallcnn", *timm.list_models()]))
+        _say("\n".join([*OWN_MODELS, *timm.list_models()]))
         return 0
     width = max(map(len, RECOMMENDED))
     for name, text in RECOMMENDED.items():
         _say(f"{name:<{width}}  {text}")
     _say("\nAny other timm model name works too (histodetect models --all lists them).")
+    return 0
+
+
+# ----------------------------------------------------------------------------- serve
+
+
+def _serve_args(p: argparse.ArgumentParser) -> None:
+    # Defaults live in histodetect.service (None = its default), which is not imported here:
+    # building the parser must stay cheap for every other command.
+    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    p.add_argument(
+        "--host", default="127.0.0.1", help="interface (default 127.0.0.1: this machine only)"
+    )
+    p.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    p.add_argument(
+        "--api-key",
+        default=os.environ.get("HISTODETECT_API_KEY"),
+        help="require this key in the X-API-Key header of /v1 calls (default: "
+        "$HISTODETECT_API_KEY; set one before binding beyond this machine)",
+    )
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
+    p.add_argument("--max-upload-mb", type=float, help="request body limit (default 32)")
+    p.add_argument("--max-files", type=int, help="patches per request (default 256)")
+    p.add_argument(
+        "--max-pixels", type=int, help="largest /v1/region image (default 2048x2048 pixels)"
+    )
+    p.add_argument("--timeout", type=float, help="seconds per request (default 60)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--log-level", default="info", help="uvicorn log level (default info)")
+
+
+@command("serve", _serve_args)
+def cmd_serve(args: argparse.Namespace) -> int:
+    """Serve a run over HTTP: a JSON API (OpenAPI at /openapi.json) and a web page at /.
+
+    POST /v1/predict (patches -> probability and label), /v1/explain (Grad-CAM PNG),
+    /v1/region (a larger image -> heat map and regions); GET /v1/model, /healthz.
+    Patches larger than 96x96 are centre-cropped, smaller ones rejected. Binds to 127.0.0.1
+    unless --host says otherwise; set --api-key before exposing it.
+    """
+    from histodetect.service import serve
+
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
+        print(
+            f"histodetect serve: warning: listening on {args.host} without an API key: "
+            "anyone who can reach this port can use the model (set --api-key).",
+            file=sys.stderr,
+        )
+    limits = {
+        "max_upload_mb": args.max_upload_mb,
+        "max_files": args.max_files,
+        "max_pixels": args.max_pixels,
+        "timeout_s": args.timeout,
+    }
+    serve(
+        args.run,
+        host=args.host,
+        port=args.port,
+        log_level=args.log_level,
+        api_key=args.api_key,
+        tta=args.tta,
+        device=args.device,
+        **{k: v for k, v in limits.items() if v is not None},
+    )
+    return 0
+
+
+# ----------------------------------------------------------------------------- slide
+
+
+def _slide_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    p.add_argument("slides", type=Path, nargs="*", help="slide files (.svs, .tif, .ndpi, .png...)")
+    p.add_argument("--list", type=Path, help="text file of slide paths, one a line")
+    p.add_argument("--out", required=True, type=Path, help="output folder (one subfolder a slide)")
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--level", type=int, help="analyse this pyramid level as it is")
+    where.add_argument(
+        "--mpp", type=float, default=0.972, help="analysis µm/px (default 0.972, PCam's)"
+    )
+    p.add_argument("--slide-mpp", type=float, help="level-0 µm/px when the file lacks or errs")
+    p.add_argument("--stride", type=int, default=32, help="px between map cells (default 32)")
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
+    p.add_argument(
+        "--mode",
+        default="auto",
+        choices=["auto", "dense", "patch"],
+        help="dense: one pass per tile (padding-free models, e.g. smallfcn); auto picks it",
+    )
+    p.add_argument("--threshold", type=float, help="region threshold (default: the run's)")
+    p.add_argument("--min-tissue", type=float, default=0.25, help="tissue share to map a cell")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    p.add_argument("--redo", action="store_true", help="redo slides the manifest lists as done")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+@command("slide", _slide_args)
+def cmd_slide(args: argparse.Namespace) -> int:
+    """Whole-slide tumour maps: heatmap, overlay, tumour regions (GeoJSON, CSV), summary.
+
+    Reads OpenSlide formats (.svs, .ndpi, .mrxs, tiled .tif ...), plain or pyramidal TIFF and
+    PNG/JPEG; analyses the level nearest the model's 0.972 µm/px (resampling when none is
+    close); sends only tissue (saturation/Otsu on a thumbnail) to the model, tile by tile in
+    bounded memory; --mode dense computes each tile in one pass (padding-free models). Each
+    slide gets OUT/<name>/: prob.npy, prob.png (16-bit), tissue.png, overlay.png,
+    regions.geojson (QuPath, level-0 px), regions.csv and summary.json. Many slides: every
+    rank of torchrun/SLURM (RANK, WORLD_SIZE) takes its share; OUT/manifest-rank*.jsonl
+    records finished slides, which a rerun skips.
+    """
+    from histodetect.slide import SlideOptions, list_slides, run_slides
+
+    slides = list_slides(args.slides, args.list)
+    opts = SlideOptions(
+        stride=args.stride,
+        tta=args.tta,
+        threshold=args.threshold,
+        mode=args.mode,
+        level=args.level,
+        target_mpp=args.mpp,
+        slide_mpp=args.slide_mpp,
+        min_tissue=args.min_tissue,
+        batch_size=args.batch_size,
+    )
+
+    def report(path: Path, summary: dict | None, error: str | None) -> None:
+        if summary is None:
+            if len(slides) > 1:  # a lone slide's failure is the command's error message
+                _say(f"FAILED {error}")
+            return
+        big = summary["largest_region"]
+        size = (
+            f", largest {big['longest_diameter_mm']:.2f} mm across"
+            if big and big["longest_diameter_mm"] is not None
+            else ""
+        )
+        tag = f"  [{summary['warning']}]" if summary["warning"] else ""
+        _say(
+            f"{path}: score {summary['score']:.3f}, {summary['n_regions']} region(s){size}; "
+            f"{summary['patches_predicted']} tissue patches ({summary['mode']}) -> "
+            f"{Path(summary['outputs']['summary']).parent}{tag}"
+        )
+
+    result = run_slides(
+        args.run,
+        slides,
+        args.out,
+        opts,
+        redo=args.redo,
+        device=args.device,
+        progress=not args.quiet,
+        on_slide=report,
+    )
+    where = f"rank {result.rank} of {result.world}: " if result.world > 1 else ""
+    if result.skipped:
+        _say(f"{where}{len(result.skipped)} slide(s) already done (listed in the manifest)")
+    if result.failed:
+        raise HistodetectError(
+            f"{where}{len(result.failed)} of {len(result.assigned)} slide(s) failed:\n"
+            + "\n".join(f"  - {reason}" for _, reason in result.failed)
+        )
+    _say(f"{where}{len(result.done)} slide(s) mapped into {args.out}")
     return 0
 
 

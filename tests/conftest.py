@@ -10,6 +10,17 @@ import numpy as np
 import pytest
 import tifffile
 
+CHROMIUM = Path("/usr/bin/chromium")
+# Headless Chromium kept off the network: the pages under test must work offline.
+CHROMIUM_OFFLINE_FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
 SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-sample"
 
 

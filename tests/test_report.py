@@ -16,8 +16,7 @@ from PIL import Image
 from histodetect.config import RunConfig, merge
 from histodetect.report import build_report
 from histodetect.train import train
-
-CHROMIUM = Path("/usr/bin/chromium")
+from tests.conftest import CHROMIUM, CHROMIUM_OFFLINE_FLAGS
 
 
 @pytest.fixture(scope="module")
@@ -99,13 +98,7 @@ def test_report_renders_in_a_headless_browser_without_errors(reported, tmp_path)
     cmd = [
         str(CHROMIUM),
         "--headless",
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
+        *CHROMIUM_OFFLINE_FLAGS,
         f"--user-data-dir={tmp_path / 'profile'}",
         f"--screenshot={shot}",
         "--window-size=1280,2000",

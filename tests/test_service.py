@@ -33,9 +33,8 @@ from histodetect.patchio import decode_patch
 from histodetect.predict import Predictor
 from histodetect.service import create_app
 from histodetect.train import PatchModule, export_model
-from tests.conftest import fake_patches
+from tests.conftest import CHROMIUM, CHROMIUM_OFFLINE_FLAGS, fake_patches
 
-CHROMIUM = Path("/usr/bin/chromium")
 FINGERPRINT = "ab" * 32
 
 
@@ -670,15 +669,7 @@ def test_browser_shows_the_probabilities_of_histodetect_predict(run, shared_samp
         with playwright.sync_playwright() as p:
             browser = p.chromium.launch(
                 executable_path=str(CHROMIUM),
-                args=[
-                    "--no-sandbox",
-                    "--disable-gpu",
-                    "--disable-quic",
-                    "--no-first-run",
-                    "--disable-background-networking",
-                    "--disable-component-update",
-                    "--disable-sync",
-                ],
+                args=CHROMIUM_OFFLINE_FLAGS,
             )
             page = browser.new_page(viewport={"width": 1200, "height": 1100})
             errors: list[str] = []

@@ -119,14 +119,14 @@ class PatchModule(L.LightningModule):
             {"params": list(self.model.head.parameters()), "lr": t.lr},
         ]
 
-    def progress(self) -> float:
-        """Fraction of training done: steps of the planned total, or time of ``max_minutes``.
+    def progress(self, total_steps: int) -> float:
+        """Fraction of training done: steps of ``total_steps``, or time of ``max_minutes``.
 
         Whichever is further along wins, so a run cut short by its time budget still ends on
         a fully annealed learning rate instead of stopping mid-schedule.
         """
         trainer = self.trainer
-        done = trainer.global_step / max(int(trainer.estimated_stepping_batches), 1)
+        done = trainer.global_step / max(total_steps, 1)
         budget = self.cfg.train.max_minutes * 60
         timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
         if budget and timer is not None:  # Lightning's timer also restores its time on resume
@@ -148,7 +148,8 @@ class PatchModule(L.LightningModule):
             shape = (
                 partial(one_cycle, warmup=t.warmup_fraction) if t.schedule == "onecycle" else cosine
             )
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: shape(self.progress()))
+            total = int(self.trainer.estimated_stepping_batches)
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda _: shape(self.progress(total)))
             return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
         if t.schedule == "plateau":
             sched = torch.optim.lr_scheduler.ReduceLROnPlateau(

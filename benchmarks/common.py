@@ -26,3 +26,28 @@ def train_cli(data: Path, run: Path, *flags: str) -> None:
         check=True,
         stdout=subprocess.DEVNULL,
     )
+
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def untrained_run(run: Path, arch: str | None = None, synthetic: bool = False) -> Path:
+    """Export an untrained model (default architecture unless ``arch``) as a run folder.
+
+    Enough for speed and memory measurements, which do not depend on the weights.
+    """
+    from histodetect.config import RunConfig, merge, to_dict
+    from histodetect.train import PatchModule, export_model
+
+    cfg = merge(RunConfig(), {"model": {"arch": arch}}) if arch else RunConfig()
+    run.mkdir(parents=True, exist_ok=True)
+    export_model(PatchModule(to_dict(cfg)), run, {"synthetic": synthetic})
+    return run
+
+
+def save_results(name: str, lines: list[str]) -> None:
+    """Print the figures and keep them in ``benchmarks/results/NAME.txt``."""
+    text = "\n".join(lines)
+    print(text)
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{name}.txt").write_text(text + "\n")

@@ -17,11 +17,10 @@ import time
 from pathlib import Path
 
 import torch
-from common import SAMPLE
+from common import SAMPLE, untrained_run
 
-from histodetect.config import RunConfig, to_dict
+from histodetect.config import RunConfig
 from histodetect.predict import Predictor, list_patches, predict_patches, write_submission
-from histodetect.train import PatchModule, export_model
 
 DEFAULT = SAMPLE / "train"
 
@@ -40,9 +39,7 @@ def raw_rate(predictor: Predictor, n: int, batch: int = 256) -> float:
 def main() -> None:
     folder = Path(sys.argv[1]) if len(sys.argv) > 1 else DEFAULT
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        run.mkdir()
-        export_model(PatchModule(to_dict(RunConfig())), run, {"synthetic": False})
+        run = untrained_run(Path(tmp) / "run")
         predictor = Predictor.from_run(run, "cpu")
         t0 = time.perf_counter()
         patches = list_patches(folder)

@@ -31,14 +31,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 import torch
-from common import SAMPLE
+from common import SAMPLE, save_results, untrained_run
 
-from histodetect.config import RunConfig, to_dict
 from histodetect.predict import Predictor, list_patches, predict_patches
-from histodetect.train import PatchModule, export_model
 
 DEFAULT = SAMPLE / "train"
-RESULTS = Path(__file__).resolve().parent / "results" / "serve_load.txt"
 
 
 def free_port() -> int:
@@ -122,9 +119,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="hd-serve-load-") as tmp:
         run = args.run
         if run is None:
-            run = Path(tmp) / "run"
-            run.mkdir()
-            export_model(PatchModule(to_dict(RunConfig())), run, {"synthetic": False})
+            run = untrained_run(Path(tmp) / "run")
         predictor = Predictor.from_run(run, "cpu")
         files = [(p.name, p.read_bytes()) for p in patches.files]
         port = free_port()
@@ -186,10 +181,7 @@ def main() -> None:
     )
     total_failed = sum(s["failed"] for s in served.values())
     lines.append(f"failed requests in all bursts: {total_failed}")
-    text = "\n".join(lines)
-    print(text)
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text(text + "\n")
+    save_results("serve_load", lines)
     if total_failed:
         raise SystemExit(f"{total_failed} request(s) failed")
 

@@ -19,11 +19,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from histodetect.config import RunConfig, merge, to_dict
-from histodetect.slidesynth import write_synthetic_slide
-from histodetect.train import PatchModule, export_model
+from common import save_results, untrained_run
 
-RESULTS = Path(__file__).resolve().parent / "results" / "slide_memory.txt"
+from histodetect.slidesynth import write_synthetic_slide
 
 
 def main() -> None:
@@ -36,10 +34,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        run = work / "run"
-        run.mkdir(exist_ok=True)
-        cfg = merge(RunConfig(), {"model": {"arch": "smallfcn"}})
-        export_model(PatchModule(to_dict(cfg)), run, {"synthetic": True})
+        run = untrained_run(work / "run", "smallfcn", synthetic=True)
         slide = work / f"synthetic-{n}.tif"
         # Two sections covering about a quarter of the glass, as on many real slides.
         tissue = [
@@ -56,6 +51,7 @@ def main() -> None:
                 slide, n, n, tissue, tumours, downsamples=(1, 4, 16), compression=None
             )
         made = time.perf_counter() - t0
+        gib = slide.stat().st_size / 2**30  # the temporary folder is gone when lines are made
         t0 = time.perf_counter()
         out = work / "maps"
         command = [
@@ -69,7 +65,7 @@ def main() -> None:
             sys.exit(f"histodetect slide failed:\n{proc.stderr[-3000:]}")
         summary = json.loads((out / slide.stem / "summary.json").read_text())
     lines = [
-        f"SYNTHETIC {n}x{n} px slide ({slide.stat().st_size / 2**30:.2f} GiB uncompressed TIFF, "
+        f"SYNTHETIC {n}x{n} px slide ({gib:.2f} GiB uncompressed TIFF, "
         f"written in {made:.0f} s), analysed at level {summary['level']} "
         f"({summary['analysed_mpp']} um/px), mode {summary['mode']}",
         f"{summary['patches_predicted']} tissue patches of {summary['grid'][0]}x"
@@ -78,9 +74,7 @@ def main() -> None:
         f"command took {seconds:.0f} s ({summary['patches_per_s']} patches/s)",
         f"peak RSS of `histodetect slide`: {peak_kib / 2**20:.2f} GiB   (target < 3 GiB)",
     ]
-    print("\n".join(lines))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    save_results("slide_memory", lines)
 
 
 if __name__ == "__main__":

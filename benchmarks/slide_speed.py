@@ -19,14 +19,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from common import save_results, untrained_run
 
-from histodetect.config import RunConfig, merge, to_dict
 from histodetect.predict import Predictor
 from histodetect.slide import choose_resolution, open_slide, predict_cells, working_reader
 from histodetect.slidesynth import write_synthetic_slide
-from histodetect.train import PatchModule, export_model
-
-RESULTS = Path(__file__).resolve().parent / "results" / "slide_speed.txt"
 
 
 def main() -> None:
@@ -36,10 +33,7 @@ def main() -> None:
     args = parser.parse_args()
     size = args.size
     with tempfile.TemporaryDirectory() as tmp:
-        run = Path(tmp) / "run"
-        run.mkdir()
-        cfg = merge(RunConfig(), {"model": {"arch": "smallfcn"}})
-        export_model(PatchModule(to_dict(cfg)), run, {"synthetic": True})
+        run = untrained_run(Path(tmp) / "run", "smallfcn", synthetic=True)
         predictor = Predictor.from_run(run, "cpu")
         slide = Path(tmp) / "region.tif"
         # Tissue covers the whole region, so both modes predict every cell.
@@ -68,9 +62,7 @@ def main() -> None:
         f"ratio dense / patch-wise: {dense_rate / patch_rate:6.2f}   (target >= 5)",
         f"max |dense - patch-wise| probability: {diff:.1e}   (target <= 1e-4)",
     ]
-    print("\n".join(lines))
-    RESULTS.parent.mkdir(exist_ok=True)
-    RESULTS.write_text("\n".join(lines) + "\n")
+    save_results("slide_speed", lines)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ from histodetect import PATCH_SIZE, __version__
 from histodetect.errors import HistodetectError
 from histodetect.patchio import PatchDecodeError, check_patch, decode_patch
 from histodetect.predict import TTA_CHOICES, Predictor
+from histodetect.slide import png_bytes
 
 log = logging.getLogger("histodetect.service")
 
@@ -403,15 +404,6 @@ def decode_region_upload(data: bytes, name: str, max_pixels: int) -> np.ndarray:
         return decode_rgb(data, kind, allow_alpha=True)
     except PatchDecodeError as exc:
         raise UploadError(422, name, str(exc)) from None
-
-
-def png_bytes(image: np.ndarray) -> bytes:
-    """Encode an (H, W, 3) uint8 array as PNG."""
-    from PIL import Image
-
-    buf = io.BytesIO()
-    Image.fromarray(np.ascontiguousarray(image)).save(buf, format="PNG")
-    return buf.getvalue()
 
 
 def _b64(data: bytes) -> str:

@@ -130,7 +130,7 @@ def overlay_png(image: np.ndarray, region_map: RegionMap) -> bytes:
     image = np.asarray(image)
     rings = [[r["polygon"], *r.get("holes", [])] for r in region_map.regions]
     picture = render_overlay(image, region_map.prob, region_map.tissue, region_map.stride, rings)
-    return _png_bytes(picture)
+    return png_bytes(picture)
 
 
 # ----------------------------------------------------------------------------- slide readers
@@ -939,12 +939,14 @@ def analyse(
 # ----------------------------------------------------------------------------- pictures
 
 
-def _png_bytes(image) -> bytes:
+def png_bytes(image) -> bytes:
+    """PNG bytes of a PIL image or an array (uint8 RGB or grey, uint16 grey)."""
     from PIL import Image
 
     buf = io.BytesIO()
-    picture = image if isinstance(image, Image.Image) else Image.fromarray(image)
-    picture.save(buf, format="PNG")
+    if not isinstance(image, Image.Image):
+        image = Image.fromarray(np.ascontiguousarray(image))
+    image.save(buf, format="PNG")
     return buf.getvalue()
 
 
@@ -1098,9 +1100,9 @@ def analyse_slide(
     write_atomic(out / OUTPUTS["prob_npy"], buf.getvalue())
     write_atomic(
         out / OUTPUTS["prob_png"],
-        _png_bytes(np.round(rm.prob * 65535).astype(np.uint16)),
+        png_bytes(np.round(rm.prob * 65535).astype(np.uint16)),
     )
-    write_atomic(out / OUTPUTS["tissue_png"], _png_bytes(rm.tissue.astype(np.uint8) * 255))
+    write_atomic(out / OUTPUTS["tissue_png"], png_bytes(rm.tissue.astype(np.uint8) * 255))
     caption = f"{path.name}: regions >= {rm.threshold:.2f} outlined" + (
         f"  [{'; '.join(tags)}]" if tags else ""
     )
@@ -1108,7 +1110,7 @@ def analyse_slide(
     picture = render_overlay(
         base, rm.prob, rm.tissue, rm.stride / t_overlay, rings, caption, ring_scale=1 / t_overlay
     )
-    write_atomic(out / OUTPUTS["overlay_png"], _png_bytes(picture))
+    write_atomic(out / OUTPUTS["overlay_png"], png_bytes(picture))
     regions = analysis.regions_level0
     write_atomic(out / OUTPUTS["geojson"], geojson_bytes(regions, path.name, tags))
     write_atomic(out / OUTPUTS["regions_csv"], regions_csv_bytes(regions))

@@ -37,7 +37,7 @@ def untrained_run(run: Path, arch: str | None = None, synthetic: bool = False) -
     Enough for speed and memory measurements, which do not depend on the weights.
     """
     from histodetect.config import RunConfig, merge, to_dict
-    from histodetect.train import PatchModule, export_model
+    from histodetect.training.run import PatchModule, export_model
 
     cfg = merge(RunConfig(), {"model": {"arch": arch}}) if arch else RunConfig()
     run.mkdir(parents=True, exist_ok=True)

@@ -22,8 +22,8 @@ from common import SAMPLE
 from PIL import Image
 
 from histodetect.config import IMAGENET_MEAN, IMAGENET_STD
-from histodetect.data import to_model_input
-from histodetect.store import open_store
+from histodetect.data.store import open_store
+from histodetect.data.transforms import to_model_input
 
 DEFAULT = SAMPLE
 

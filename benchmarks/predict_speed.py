@@ -20,7 +20,12 @@ import torch
 from common import SAMPLE, untrained_run
 
 from histodetect.config import RunConfig
-from histodetect.predict import Predictor, list_patches, predict_patches, write_submission
+from histodetect.inference.predictor import (
+    Predictor,
+    list_patches,
+    predict_patches,
+    write_submission,
+)
 
 DEFAULT = SAMPLE / "train"
 

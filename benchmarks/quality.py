@@ -28,12 +28,12 @@ from common import SAMPLE, train_cli
 from torch import nn
 from torchmetrics.functional.classification import binary_auroc
 
-from histodetect.augment import dihedral
 from histodetect.config import RunConfig
-from histodetect.data import split_indices_of, to_model_input
-from histodetect.pack import pack
-from histodetect.predict import Predictor
-from histodetect.store import Store, open_store
+from histodetect.data.loaders import split_indices_of
+from histodetect.data.pack import pack
+from histodetect.data.store import Store, open_store
+from histodetect.data.transforms import dihedral, to_model_input
+from histodetect.inference.predictor import Predictor
 
 DEFAULT = SAMPLE
 

@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from common import SAMPLE, save_results, untrained_run
 
-from histodetect.predict import Predictor, list_patches, predict_patches
+from histodetect.inference.predictor import Predictor, list_patches, predict_patches
 
 DEFAULT = SAMPLE / "train"
 

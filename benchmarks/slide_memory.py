@@ -21,7 +21,7 @@ from pathlib import Path
 
 from common import save_results, untrained_run
 
-from histodetect.slidesynth import write_synthetic_slide
+from histodetect.slides.synthetic import write_synthetic_slide
 
 
 def main() -> None:

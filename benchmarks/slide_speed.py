@@ -21,9 +21,9 @@ import numpy as np
 import torch
 from common import save_results, untrained_run
 
-from histodetect.predict import Predictor
-from histodetect.slide import choose_resolution, open_slide, predict_cells, working_reader
-from histodetect.slidesynth import write_synthetic_slide
+from histodetect.inference.predictor import Predictor
+from histodetect.slides.analyse import choose_resolution, open_slide, predict_cells, working_reader
+from histodetect.slides.synthetic import write_synthetic_slide
 
 
 def main() -> None:

@@ -22,8 +22,8 @@ import torch
 from common import SAMPLE, train_cli
 
 from histodetect.config import RunConfig, to_dict
-from histodetect.pack import pack
-from histodetect.train import PatchModule
+from histodetect.data.pack import pack
+from histodetect.training.run import PatchModule
 
 DEFAULT = SAMPLE
 
@@ -78,7 +78,7 @@ def main() -> None:
             store = Path(tmp) / "store"
             pack(args.data, store, progress=False)
         else:
-            from histodetect.synth import generate
+            from histodetect.data.synth import generate
 
             print(f"{args.data} not found: using SYNTHETIC data")
             generate(Path(tmp) / "synth", n=3000)

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from common import SAMPLE, train_cli
 
-from histodetect.data import ensure_store, split_indices_of
-from histodetect.evaluate import bootstrap_intervals, point_metrics
-from histodetect.predict import Predictor
+from histodetect.data.loaders import ensure_store, split_indices_of
+from histodetect.inference.evaluate import bootstrap_intervals, point_metrics
+from histodetect.inference.predictor import Predictor
 
 DEFAULT = SAMPLE
 

@@ -9,12 +9,121 @@ from typing import Any, get_type_hints
 
 import yaml
 
-from histodetect.augment import AugmentConfig
+from histodetect import CENTRE, PATCH_SIZE
 from histodetect.errors import HistodetectError
 
 # ImageNet statistics: what timm's pretrained backbones expect.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# The probability fields of AugmentConfig; every other field is a strength.
+PROBABILITIES = (
+    "flip",
+    "rot90",
+    "crop",
+    "affine",
+    "stain",
+    "color",
+    "pca",
+    "blur",
+    "motion_blur",
+    "noise",
+    "jpeg",
+)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """Per-sample augmentation: each op's probability (0 disables it) and its strengths.
+
+    The defaults are ``RECIPES["default"]``. Ops run in the order listed here.
+
+    Attributes:
+        flip: Probability of a horizontal flip, and independently of a vertical one.
+        rot90: Probability of a quarter turn by 0, 90, 180 or 270 degrees (uniformly); with
+            ``flip=0.5`` and ``rot90=1`` all 8 dihedral views are equally likely.
+        crop: Probability of a random square crop, resized back, that keeps the centre box.
+        crop_min: Smallest crop side in pixels of a 96-pixel patch (32 to 96).
+        affine: Probability of a random shift/scale/rotation, reflection-padded.
+        shift: Largest shift either way, as a fraction of the side.
+        scale: Range of the zoom factor, ``(low, high)``.
+        rotate: Largest rotation either way, in degrees.
+        stain: Probability of H&E stain jitter in HED optical-density space.
+        stain_sigma: Largest relative change of each stain's amount (factor in ``1 ± sigma``).
+        stain_bias: Largest optical density added to or removed from each stain.
+        color: Probability of brightness/contrast/saturation/hue jitter.
+        brightness: Largest relative brightness change (factor in ``1 ± brightness``).
+        contrast: Largest relative contrast change.
+        saturation: Largest relative saturation change.
+        hue: Largest hue shift, as a fraction of the colour wheel (at most 0.5).
+        pca: Probability of fancy-PCA lighting noise along the image's RGB principal axes.
+        pca_std: Standard deviation of the shift along each axis, in units of the image's own
+            standard deviation along that axis.
+        blur: Probability of Gaussian blur.
+        blur_sigma: Largest blur sigma in pixels.
+        motion_blur: Probability of motion blur in a random direction.
+        motion_blur_kernel: Largest motion-blur length in pixels (odd, at least 3).
+        noise: Probability of additive Gaussian pixel noise.
+        noise_std: Largest noise standard deviation, in [0, 1] intensity units.
+        jpeg: Probability of JPEG compression.
+        jpeg_quality: Lowest JPEG quality (1 to 100); the quality is drawn up to 100.
+    """
+
+    flip: float = 0.5
+    rot90: float = 1.0
+    crop: float = 0.25
+    crop_min: int = 80
+    affine: float = 0.25
+    shift: float = 0.04
+    scale: tuple[float, float] = (0.9, 1.1)
+    rotate: float = 20.0
+    stain: float = 0.5
+    stain_sigma: float = 0.05
+    stain_bias: float = 0.05
+    color: float = 0.5
+    brightness: float = 0.1
+    contrast: float = 0.1
+    saturation: float = 0.1
+    hue: float = 0.0
+    pca: float = 0.0
+    pca_std: float = 0.1
+    blur: float = 0.1
+    blur_sigma: float = 1.0
+    motion_blur: float = 0.0
+    motion_blur_kernel: int = 5
+    noise: float = 0.1
+    noise_std: float = 0.02
+    jpeg: float = 0.0
+    jpeg_quality: float = 60.0
+
+    def __post_init__(self) -> None:
+        # Fail when the config is read, not hours later inside a kornia op.
+        def bad(name: str, why: str) -> HistodetectError:
+            return HistodetectError(f"augment.{name}: {getattr(self, name)!r} {why}.")
+
+        for name in PROBABILITIES:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise bad(name, "is not a probability between 0 and 1")
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if f.name != "scale" and value < 0:
+                raise bad(f.name, "is negative")
+        if len(self.scale) != 2 or not 0 < self.scale[0] <= self.scale[1]:
+            raise bad("scale", "is not a range (low, high) with 0 < low <= high")
+        if not CENTRE[1] - CENTRE[0] <= self.crop_min <= PATCH_SIZE:
+            raise bad("crop_min", f"must be {CENTRE[1] - CENTRE[0]} to {PATCH_SIZE} pixels")
+        for name in ("brightness", "contrast", "saturation", "stain_sigma"):
+            if getattr(self, name) >= 1:
+                raise bad(name, "must be below 1 (factors are drawn in 1 ± value)")
+        if self.blur_sigma <= 0:
+            raise bad("blur_sigma", "must be above 0 (blur: 0 turns blur off)")
+        if self.hue > 0.5:
+            raise bad("hue", "must be at most 0.5 (half the colour wheel)")
+        if self.motion_blur_kernel < 3:
+            raise bad("motion_blur_kernel", "must be at least 3 pixels")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise bad("jpeg_quality", "must be 1 to 100")
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,1 @@
+"""Inference layer: the one Predictor (calibration included), evaluation, explanations, export."""

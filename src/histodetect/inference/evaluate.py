@@ -1,0 +1,292 @@
+"""`histodetect evaluate`: metrics with bootstrap intervals, thresholds, curves and calibration."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histodetect.errors import HistodetectError
+from histodetect.files import write_atomic
+from histodetect.inference.calibration import fit_temperature
+
+EPS = 1e-7
+
+
+def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, int]:
+    pred = p >= threshold
+    return {
+        "tp": int(np.sum(pred & (y == 1))),
+        "fp": int(np.sum(pred & (y == 0))),
+        "tn": int(np.sum(~pred & (y == 0))),
+        "fn": int(np.sum(~pred & (y == 1))),
+    }
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b else float("nan")
+
+
+def point_metrics(y: np.ndarray, p: np.ndarray, threshold: float = 0.5) -> dict[str, float]:
+    """Every headline metric for labels ``y`` (0/1) and probabilities ``p`` at ``threshold``."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    c = _confusion(y, p, threshold)
+    sens, spec = _ratio(c["tp"], c["tp"] + c["fn"]), _ratio(c["tn"], c["tn"] + c["fp"])
+    prec = _ratio(c["tp"], c["tp"] + c["fp"])
+    q = np.clip(p, EPS, 1 - EPS)
+    both = len(np.unique(y)) == 2
+    return {
+        "auc": float(roc_auc_score(y, p)) if both else float("nan"),
+        "average_precision": float(average_precision_score(y, p)) if both else float("nan"),
+        "accuracy": (c["tp"] + c["tn"]) / len(y),
+        "balanced_accuracy": (sens + spec) / 2,
+        "sensitivity": sens,
+        "specificity": spec,
+        "precision": prec,
+        "recall": sens,
+        "f1": _ratio(2 * prec * sens, prec + sens),
+        "log_loss": float(-np.mean(y * np.log(q) + (1 - y) * np.log(1 - q))),
+        "brier": float(np.mean((p - y) ** 2)),
+    }
+
+
+def bootstrap_intervals(
+    y: np.ndarray,
+    p: np.ndarray,
+    threshold: float,
+    n_boot: int = 1000,
+    seed: int = 0,
+    level: float = 0.95,
+) -> dict[str, tuple[float, float]]:
+    """Percentile bootstrap intervals of :func:`point_metrics`, resampling patches.
+
+    Resamples with both classes absent are redrawn implicitly by skipping them (rare unless the
+    set is tiny). Patches from one slide are correlated, so these intervals are optimistic when
+    many patches share a slide.
+    """
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = {}
+    n = len(y)
+    for _ in range(n_boot):
+        idx = rng.integers(0, n, n)
+        if y[idx].min() == y[idx].max():
+            continue
+        for key, value in point_metrics(y[idx], p[idx], threshold).items():
+            draws.setdefault(key, []).append(value)
+    alpha = (1 - level) / 2
+    return {
+        key: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha)))
+        for key, v in draws.items()
+    }
+
+
+def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
+    """The threshold maximising sensitivity + specificity - 1 on these labels."""
+    from sklearn.metrics import roc_curve
+
+    fpr, tpr, thr = roc_curve(y, p)
+    best = int(np.argmax(tpr - fpr))
+    return float(min(thr[best], 1.0))
+
+
+def sensitivity_threshold(y: np.ndarray, p: np.ndarray, target: float) -> float:
+    """The highest threshold whose sensitivity reaches ``target`` (e.g. 0.95 for screening)."""
+    positives = np.sort(p[y == 1])[::-1]
+    if not len(positives):
+        raise HistodetectError("no positive patches: cannot choose a sensitivity threshold.")
+    k = int(np.ceil(target * len(positives))) - 1
+    return float(positives[min(max(k, 0), len(positives) - 1)])
+
+
+def calibration_bins(y: np.ndarray, p: np.ndarray, bins: int = 10) -> tuple[list[dict], float]:
+    """Reliability table over equal-width probability bins, and the expected calibration error."""
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+    table, ece = [], 0.0
+    for b in range(bins):
+        mask = which == b
+        if not mask.any():
+            continue
+        conf, freq = float(p[mask].mean()), float(y[mask].mean())
+        table.append(
+            {
+                "bin": [float(edges[b]), float(edges[b + 1])],
+                "n": int(mask.sum()),
+                "mean_probability": conf,
+                "fraction_positive": freq,
+            }
+        )
+        ece += mask.mean() * abs(conf - freq)
+    return table, float(ece)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """What `evaluate` measured, as written to ``metrics_<split>.json``."""
+
+    split: str
+    n: int
+    tta: int
+    metrics: dict
+    intervals: dict
+    thresholds: dict
+    confusion: dict
+    reliability: list
+    ece: float
+    temperature: float | None
+    synthetic: bool
+
+    def summary(self) -> str:
+        """A few lines for the terminal."""
+        lo, hi = self.intervals["auc"]
+        m = self.metrics
+        lines = [
+            f"{self.split}: {self.n} patches, TTA x{self.tta}"
+            + ("  [SYNTHETIC DATA]" if self.synthetic else ""),
+            f"  ROC AUC {m['auc']:.4f} (95% CI {lo:.4f}-{hi:.4f})",
+            f"  accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
+            f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, "
+            f"F1 {m['f1']:.4f} at threshold {self.thresholds['run']:.3f}",
+            f"  log-loss {m['log_loss']:.4f}, Brier {m['brier']:.4f}, ECE {self.ece:.4f}",
+        ]
+        return "\n".join(lines)
+
+
+def evaluate_probabilities(
+    y: np.ndarray,
+    p: np.ndarray,
+    split: str,
+    threshold: float = 0.5,
+    tta: int = 1,
+    n_boot: int = 1000,
+    synthetic: bool = False,
+    calibration: tuple[np.ndarray, np.ndarray] | None = None,
+    target_sensitivity: float = 0.95,
+) -> Evaluation:
+    """Metrics, intervals, thresholds and calibration for labels ``y`` and probabilities ``p``.
+
+    ``calibration`` is the (labels, probabilities) of the validation split: thresholds and the
+    temperature are chosen there, never on the data being scored.
+    """
+    cy, cp = calibration if calibration is not None else (y, p)
+    chosen = {
+        "run": threshold,
+        "youden": youden_threshold(cy, cp),
+        f"sensitivity_{target_sensitivity:g}": sensitivity_threshold(cy, cp, target_sensitivity),
+    }
+    temperature = fit_temperature(cy, cp)
+    table, ece = calibration_bins(y, p)
+    return Evaluation(
+        split=split,
+        n=len(y),
+        tta=tta,
+        metrics=point_metrics(y, p, threshold),
+        intervals=bootstrap_intervals(y, p, threshold, n_boot),
+        thresholds=chosen,
+        confusion={name: _confusion(y, p, t) for name, t in chosen.items()},
+        reliability=table,
+        ece=ece,
+        temperature=temperature,
+        synthetic=synthetic,
+    )
+
+
+def plot_evaluation(y: np.ndarray, p: np.ndarray, ev: Evaluation, out: Path, title: str) -> None:
+    """ROC, precision-recall, reliability diagram and confusion matrix as one PNG."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from sklearn.metrics import precision_recall_curve, roc_curve
+
+    fig = Figure(figsize=(16, 4))
+    FigureCanvasAgg(fig)
+    ax = fig.subplots(1, 4)
+    fpr, tpr, _ = roc_curve(y, p)
+    lo, hi = ev.intervals["auc"]
+    ax[0].plot(fpr, tpr, label=f"AUC {ev.metrics['auc']:.4f} ({lo:.3f}-{hi:.3f})")
+    ax[0].plot([0, 1], [0, 1], ls=":", c="grey")
+    ax[0].set(title="ROC", xlabel="false positive rate", ylabel="true positive rate")
+    prec, rec, _ = precision_recall_curve(y, p)
+    ax[1].plot(rec, prec, label=f"AP {ev.metrics['average_precision']:.4f}")
+    ax[1].set(title="precision-recall", xlabel="recall", ylabel="precision")
+    conf = [b["mean_probability"] for b in ev.reliability]
+    freq = [b["fraction_positive"] for b in ev.reliability]
+    ax[2].plot([0, 1], [0, 1], ls=":", c="grey")
+    ax[2].plot(conf, freq, marker="o", label=f"ECE {ev.ece:.4f}")
+    ax[2].set(title="reliability", xlabel="predicted probability", ylabel="fraction tumour")
+    c = ev.confusion["run"]
+    grid = np.array([[c["tn"], c["fp"]], [c["fn"], c["tp"]]])
+    ax[3].imshow(grid, cmap="Blues")
+    for (i, j), v in np.ndenumerate(grid):
+        ax[3].text(
+            j,
+            i,
+            str(v),
+            ha="center",
+            va="center",
+            fontsize=14,
+            color="white" if v > grid.max() / 2 else "black",
+        )
+    ax[3].set(
+        title=f"confusion at {ev.thresholds['run']:.2f}",
+        xticks=[0, 1],
+        yticks=[0, 1],
+        xticklabels=["pred 0", "pred 1"],
+        yticklabels=["true 0", "true 1"],
+    )
+    for a in ax[:3]:
+        a.legend(loc="lower right" if a is not ax[2] else "upper left")
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    fig.tight_layout()
+    tmp = out.with_name(f".{out.name}.tmp.png")
+    fig.savefig(tmp, dpi=90)
+    tmp.replace(out)
+
+
+def evaluate(
+    run: str | Path,
+    data: str | Path,
+    split: str = "valid",
+    tta: int = 1,
+    n_boot: int = 1000,
+    calibrate: bool = False,
+) -> Evaluation:
+    """Score a run folder on one split of DATA; writes ``metrics_<split>.json`` and a figure.
+
+    Thresholds and the temperature are chosen on the validation split. With ``calibrate`` the
+    fitted temperature is stored in the run's ``model.json`` for later predictions.
+    """
+    from histodetect.data.loaders import labelled_split, split_indices_of
+    from histodetect.inference.predictor import MODEL_META, Predictor
+
+    run = Path(run)
+    predictor = Predictor.from_run(run)
+    store, idx = labelled_split(run, data, split)
+    p = predictor.predict_proba(store.read(idx), tta=tta)
+    y = store.labels[idx].astype(np.int64)
+    calibration = None
+    if split != "valid":
+        vidx = split_indices_of(store, "valid")
+        if len(vidx):
+            vp = predictor.predict_proba(store.read(vidx), tta=tta)
+            calibration = (store.labels[vidx].astype(np.int64), vp)
+    ev = evaluate_probabilities(
+        y, p, split, predictor.threshold, tta, n_boot, store.synthetic, calibration
+    )
+    write_atomic(run / f"metrics_{split}.json", json.dumps(asdict(ev), indent=2).encode())
+    title = f"{run.name} on {split} ({len(y)} patches, TTA x{tta})"
+    plot_evaluation(
+        y,
+        p,
+        ev,
+        run / f"evaluation_{split}.png",
+        title + (" SYNTHETIC DATA" if store.synthetic else ""),
+    )
+    if calibrate:
+        meta = json.loads((run / MODEL_META).read_text())
+        meta["temperature"] = ev.temperature
+        write_atomic(run / MODEL_META, json.dumps(meta, indent=2).encode())
+    return ev

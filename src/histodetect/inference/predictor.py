@@ -1,0 +1,246 @@
+"""The one predictor: load a run folder and turn uint8 patches into tumour probabilities."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from histodetect.data.transforms import dihedral, to_model_input
+from histodetect.errors import HistodetectError
+from histodetect.models.classifier import Classifier, build_model
+
+MODEL_FILE = "model.safetensors"
+MODEL_META = "model.json"
+TTA_CHOICES = (1, 2, 4, 8)
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    """``auto`` → CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Predictor:
+    """A trained classifier plus its normalisation, ready for batched (TTA) inference."""
+
+    def __init__(self, model: Classifier, meta: dict, device: str = "auto") -> None:
+        self.device = pick_device(device)
+        self.meta = meta
+        self.channels_last = bool(meta.get("channels_last", True))
+        self.model = model.to(self.device).eval()
+        if self.channels_last:
+            self.model = self.model.to(memory_format=torch.channels_last)
+        self.threshold = float(meta.get("threshold", 0.5))
+        self.crop = int(meta.get("crop", 96))
+        self.temperature = float(meta.get("temperature", 1.0))
+
+    @classmethod
+    def from_run(cls, run: str | Path, device: str = "auto") -> Predictor:
+        """Load ``RUN/model.json`` + ``RUN/model.safetensors`` (safetensors only: no pickle)."""
+        run = Path(run)
+        try:
+            meta = json.loads((run / MODEL_META).read_text())
+        except FileNotFoundError:
+            raise HistodetectError(
+                f"{run}: no {MODEL_META}; not a finished training run folder."
+            ) from None
+        from safetensors.torch import load_file
+
+        weights = run / MODEL_FILE
+        if not weights.exists():
+            raise HistodetectError(f"{run}: no {MODEL_FILE}; the run did not finish exporting.")
+        model = build_model(meta["arch"], dropout=meta.get("dropout", 0.0))
+        try:
+            model.load_state_dict(load_file(str(weights)))
+        except RuntimeError as exc:
+            raise HistodetectError(f"{weights}: does not match {meta['arch']} ({exc}).") from None
+        return cls(model, meta, device)
+
+    @torch.inference_mode()
+    def predict_proba(
+        self, images: np.ndarray | torch.Tensor, tta: int = 1, batch_size: int = 256
+    ) -> np.ndarray:
+        """P(tumour in the centre 32x32) for uint8 NHWC patches.
+
+        Args:
+            images: (N, 96, 96, 3) uint8 array or tensor.
+            tta: 1, 2, 4 or 8 dihedral views averaged (as probabilities).
+            batch_size: patches per forward pass.
+        """
+        if tta not in TTA_CHOICES:
+            raise HistodetectError(f"--tta must be one of {TTA_CHOICES}, got {tta}.")
+        images = torch.as_tensor(images)
+        out = np.empty(len(images), np.float32)
+        mean, std = self.meta["mean"], self.meta["std"]
+        for start in range(0, len(images), batch_size):
+            batch = images[start : start + batch_size].to(self.device, non_blocking=True)
+            x = to_model_input(batch, mean, std, self.channels_last, self.crop)
+            probs = torch.zeros(len(batch), device=self.device)
+            for k in range(tta):
+                probs += torch.sigmoid(self.model(dihedral(x, k)).float())
+            out[start : start + len(batch)] = (probs / tta).cpu().numpy()
+        if self.temperature != 1.0:  # calibrated by `evaluate --calibrate`
+            from histodetect.inference.calibration import apply_temperature
+
+            out = apply_temperature(out, self.temperature).astype(np.float32)
+        return out
+
+
+@dataclass(frozen=True)
+class PatchList:
+    """Patches to predict: ids with files (streamed) or rows of a packed store."""
+
+    ids: list[str]
+    files: list[Path] | None = None
+    store: object | None = None
+    rows: np.ndarray | None = None
+    problems: tuple[tuple[str, str], ...] = ()
+
+
+def list_patches(data: str | Path, split: str | None = None) -> PatchList:
+    """Resolve DATA for prediction.
+
+    A Kaggle root predicts ``test/`` in ``sample_submission.csv`` order (missing or extra files
+    are problems); any folder of ``<id>.tif/.png/.jpg`` predicts every file sorted by id; a packed
+    store predicts its ``split`` (default: its test split if it has one, else everything).
+    """
+    from histodetect.data.patchio import PATCH_SUFFIXES
+
+    data = Path(data)
+    if not data.exists():
+        raise HistodetectError(f"{data}: no such file or folder.")
+    if (data / "store.json").exists():
+        from histodetect.data.store import open_store
+
+        store = open_store(data)
+        if split is None:
+            split = "test" if (store.splits == "test").any() else None
+        rows = np.arange(len(store)) if split is None else np.flatnonzero(store.splits == split)
+        return PatchList([str(store.ids[i]) for i in rows], store=store, rows=rows)
+    folder = data / "test" if (data / "test").is_dir() else data
+    files = {
+        f.stem: f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in PATCH_SUFFIXES
+    }
+    submission = data / "sample_submission.csv"
+    problems: list[tuple[str, str]] = []
+    if folder != data and submission.exists():
+        import csv
+
+        with open(submission, newline="", encoding="utf-8") as fh:
+            rows = list(csv.reader(fh))
+        if not rows or [h.strip().lower() for h in rows[0][:2]] != ["id", "label"]:
+            raise HistodetectError(f"{submission}: the first line must be 'id,label'.")
+        order = [r[0].strip() for r in rows[1:] if r and r[0].strip()]
+        wanted = set(order)
+        problems += [
+            (str(folder / f"{i}.tif"), "in sample_submission.csv, no file")
+            for i in order
+            if i not in files
+        ]
+        problems += [
+            (str(files[i]), "file not in sample_submission.csv")
+            for i in sorted(files)
+            if i not in wanted
+        ]
+        ids = order
+    else:
+        ids = sorted(files)
+    if not ids:
+        raise HistodetectError(f"{folder}: holds no patch files (.tif, .png, .jpg).")
+    paths = [files.get(i, folder / f"{i}.tif") for i in ids]
+    return PatchList(ids, files=paths, problems=tuple(problems))
+
+
+def _decode_batch(paths: list[Path]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    from histodetect.data.patchio import PatchDecodeError, decode_patch
+
+    out = np.zeros((len(paths), 96, 96, 3), np.uint8)
+    bad = []
+    for k, path in enumerate(paths):
+        try:
+            out[k] = decode_patch(path)
+        except PatchDecodeError as exc:
+            bad.append((k, str(exc)))
+    return out, bad
+
+
+def predict_patches(
+    predictors: list[Predictor],
+    patches: PatchList,
+    tta: int = 1,
+    weights: list[float] | None = None,
+    batch_size: int = 256,
+    skip_bad: bool = False,
+    fallback: float = 0.5,
+    progress: bool = True,
+) -> tuple[np.ndarray, list[tuple[str, str]]]:
+    """Mean (or weighted mean) probability of every patch over ``predictors``.
+
+    Files are decoded a batch ahead in worker threads while the models run, so memory holds a
+    few batches, not the data set. Returns the probabilities and the list of unreadable patches,
+    which get ``fallback`` when ``skip_bad`` (otherwise the first one stops the job).
+    """
+    from concurrent.futures import ThreadPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    n = len(patches.ids)
+    w = np.asarray(weights if weights else [1.0] * len(predictors), dtype=np.float64)
+    if len(w) != len(predictors) or (w < 0).any() or w.sum() == 0:
+        raise HistodetectError("--weights needs one non-negative weight per run, not all zero.")
+    w = w / w.sum()
+    out = np.empty(n, np.float32)
+    bad: list[tuple[str, str]] = []
+    starts = list(range(0, n, batch_size))
+
+    def load(start: int):
+        stop = min(start + batch_size, n)
+        if patches.store is not None:
+            return patches.store.read(patches.rows[start:stop]), []
+        return _decode_batch(patches.files[start:stop])
+
+    bar = tqdm(total=n, unit="patch", desc="predict", disable=not progress)
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        pending = [pool.submit(load, s) for s in starts[:2]]
+        for k, start in enumerate(starts):
+            images, bad_rows = pending.pop(0).result()
+            if k + 2 < len(starts):
+                pending.append(pool.submit(load, starts[k + 2]))
+            for row, why in bad_rows:
+                where = str(patches.files[start + row])
+                if not skip_bad:
+                    raise HistodetectError(
+                        f"{where}: {why}. Fix or remove it, or pass --skip-bad to predict the "
+                        f"rest (unreadable patches then get probability {fallback})."
+                    )
+                bad.append((where, why))
+            probs = sum(
+                wi * pr.predict_proba(images, tta, batch_size)
+                for wi, pr in zip(w, predictors, strict=True)
+            )
+            for row, _ in bad_rows:
+                probs[row] = fallback
+            out[start : start + len(images)] = probs
+            bar.update(len(images))
+    bar.close()
+    return out, bad
+
+
+def write_submission(path: str | Path, ids: list[str], probs: np.ndarray) -> None:
+    """Write ``id,label`` rows atomically (a crash never leaves half a submission)."""
+    import io
+
+    from histodetect.files import write_atomic
+
+    buf = io.StringIO()
+    buf.write("id,label\n")
+    for pid, p in zip(ids, probs, strict=True):
+        buf.write(f"{pid},{float(p):.6f}\n")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buf.getvalue().encode())

@@ -1,0 +1,106 @@
+"""Padding-free fully-convolutional classifier and dense (one pass per tile) tumour maps."""
+
+from __future__ import annotations
+
+import itertools
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from histodetect.errors import HistodetectError
+
+DENSE_ARCH = "smallfcn"
+
+
+def _stage(c_in: int, c_out: int) -> nn.Sequential:
+    """Valid 3x3 convolution, batch norm, ReLU, 2x2 max-pool: ``s`` px become ``(s - 2) // 2``."""
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.ReLU(inplace=True),
+        nn.MaxPool2d(2),
+    )
+
+
+class SmallFCN(nn.Module):
+    """A CPU-sized CNN without zero padding, so one pass over a tile equals a pass per patch.
+
+    Five valid-convolution stages each halve the size, so a 96 px patch becomes one feature
+    vector whose receptive field is 94 px: the whole patch, centre box and context. Without
+    padding every output depends only on the pixels under it, and with a total stride of 32 a
+    tile of ``32 * n + 64`` px yields exactly the n x n outputs of its n x n patches at stride
+    32 (``dense_logits``). The widths grow slowly because the dense pass saves most work in
+    the high-resolution early stages; the coarse stages cost about as much either way.
+    """
+
+    dense_stride = 32
+    min_input = 94
+
+    def __init__(self, widths: tuple[int, ...] = (32, 64, 128, 128, 128)) -> None:
+        super().__init__()
+        chans = (3, *widths)
+        self.stages = nn.Sequential(*(_stage(a, b) for a, b in itertools.pairwise(chans)))
+        # A 1x1 layer mixes the last features without changing any geometry.
+        self.mix = nn.Sequential(
+            nn.Conv2d(widths[-1], widths[-1], 1, bias=False),
+            nn.BatchNorm2d(widths[-1]),
+            nn.ReLU(inplace=True),
+        )
+        self.num_features = widths[-1]
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Feature maps before pooling: 1x1 for a 96 px patch, n x n for a 32n+64 px tile."""
+        if min(x.shape[-2:]) < self.min_input:
+            raise HistodetectError(
+                f"{DENSE_ARCH} needs inputs of at least {self.min_input} px, got "
+                f"{tuple(x.shape[-2:])}; train it on whole 96 px patches (data.crop: 96)."
+            )
+        return self.mix(self.stages(x))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_features(x).mean((2, 3))
+
+
+def dense_capable(model: nn.Module) -> bool:
+    """True when ``model`` (a Classifier) can compute exact dense maps: padding-free, strided."""
+    backbone = getattr(model, "backbone", None)
+    if backbone is None or not hasattr(backbone, "dense_stride"):
+        return False
+    for m in backbone.modules():
+        padding = getattr(m, "padding", 0)
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)) and any(
+            p != 0 for p in np.atleast_1d(padding)
+        ):
+            return False  # zero padding makes border outputs differ from whole-patch outputs
+    return True
+
+
+def patch_feature_size(model: nn.Module, crop: int) -> int:
+    """Side of the feature map one ``crop`` px patch produces (1 for smallfcn at 96 px)."""
+    param = next(model.parameters())
+    with torch.inference_mode():
+        x = torch.zeros(1, 3, crop, crop, device=param.device, dtype=param.dtype)
+        return int(model.backbone.forward_features(x).shape[-1])
+
+
+def dense_logits(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logits at every patch position of a normalised tile batch, at the backbone's stride.
+
+    Args:
+        model: A dense-capable Classifier in eval mode.
+        x: (N, 3, H, W) normalised tiles.
+        k: Feature-map side of one patch (``patch_feature_size``); its global average pool
+            becomes a k x k sliding average, and the linear head a 1x1 convolution.
+
+    Returns:
+        (N, H', W') logits; entry (i, j) is the logit of the patch whose top-left corner is at
+        ``(i * stride, j * stride)`` in the tile.
+    """
+    feats = model.backbone.forward_features(x)
+    if k > 1:
+        feats = F.avg_pool2d(feats, k, stride=1)
+    linear = model.head[-1]  # the dropout before it is the identity in eval mode
+    weight = linear.weight.view(1, -1, 1, 1).to(feats.dtype)
+    return F.conv2d(feats, weight, linear.bias.to(feats.dtype)).squeeze(1)

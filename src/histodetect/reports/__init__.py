@@ -1,0 +1,1 @@
+"""Reports layer: the offline HTML report of a run."""

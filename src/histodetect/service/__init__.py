@@ -1,0 +1,1 @@
+"""Service layer: the FastAPI app, micro-batching, request guards and the offline web page."""

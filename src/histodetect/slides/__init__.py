@@ -1,0 +1,1 @@
+"""Slides layer: whole-slide readers, tissue, cell inference, regions and their outputs."""

@@ -1,0 +1,1 @@
+"""Training layer: on-device augmentation, the Lightning loop and the run folder it writes."""

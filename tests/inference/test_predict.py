@@ -1,0 +1,152 @@
+"""Prediction and evaluation: Kaggle submissions, TTA, ensembles, intervals, bad patches."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+from histodetect.config import RunConfig, merge
+from histodetect.inference.evaluate import evaluate_probabilities, point_metrics
+from histodetect.inference.predictor import Predictor, list_patches, predict_patches
+from histodetect.training.run import train
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """One tiny trained run shared by the tests of this module."""
+    from tests.conftest import write_kaggle
+
+    root = tmp_path_factory.mktemp("data")
+    write_kaggle(root / "k", n=120, n_test=20)
+    cfg = merge(RunConfig(), {"train": {"epochs": 2}, "data": {"batch_size": 16}})
+    run = root / "run"
+    train(root / "k", run, cfg, progress=False)
+    return root / "k", run
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "histodetect.cli", *args], capture_output=True, text=True
+    )
+
+
+@pytest.mark.slow
+def test_submission_follows_sample_submission_and_reports_missing_or_extra(trained_run, tmp_path):
+    data, run = trained_run
+    ids = sorted(p.stem for p in (data / "test").glob("*.tif"))
+    order = list(np.random.default_rng(5).permutation(ids))
+    (data / "sample_submission.csv").write_text("id,label\n" + "".join(f"{i},0\n" for i in order))
+    out = tmp_path / "sub.csv"
+    proc = _cli("predict", str(run), "--data", str(data), "--out", str(out), "--tta", "2")
+    assert proc.returncode == 0, proc.stderr
+    with open(out, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert rows[0] == ["id", "label"]
+    assert [r[0] for r in rows[1:]] == order  # same order, one row per id
+    probs = np.array([float(r[1]) for r in rows[1:]])
+    assert ((probs >= 0) & (probs <= 1)).all()
+    # The same numbers as the predictor on the decoded files.
+    images = np.stack([tifffile.imread(data / "test" / f"{i}.tif") for i in order])
+    assert np.allclose(probs, Predictor.from_run(run).predict_proba(images, tta=2), atol=1e-5)
+
+    missing = data / "test" / f"{order[3]}.tif"
+    saved = missing.read_bytes()
+    missing.unlink()
+    extra = data / "test" / "extra_patch.tif"
+    extra.write_bytes(saved)
+    proc = _cli("predict", str(run), "--data", str(data), "--out", str(tmp_path / "x.csv"))
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert f"{order[3]}.tif: in sample_submission.csv, no file" in proc.stderr
+    assert "extra_patch.tif: file not in sample_submission.csv" in proc.stderr
+    assert not (tmp_path / "x.csv").exists()
+    proc = _cli(
+        "predict", str(run), "--data", str(data), "--out", str(tmp_path / "y.csv"), "--skip-bad"
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(tmp_path / "y.csv") as fh:
+        got = {r["id"]: float(r["label"]) for r in csv.DictReader(fh)}
+    assert set(got) == set(order) and got[order[3]] == 0.5
+    assert "extra_patch" in (tmp_path / "y.problems.csv").read_text()
+    missing.write_bytes(saved)
+    extra.unlink()
+
+
+@pytest.mark.slow
+def test_corrupt_patch_stops_prediction_with_its_name(trained_run, tmp_path):
+    data, run = trained_run
+    folder = tmp_path / "patches"
+    folder.mkdir()
+    for f in sorted((data / "test").glob("*.tif"))[:5]:
+        (folder / f.name).write_bytes(f.read_bytes())
+    (folder / "broken.tif").write_bytes(b"oops")
+    proc = _cli("predict", str(run), "--data", str(folder), "--out", str(tmp_path / "p.csv"))
+    assert proc.returncode != 0 and "broken.tif" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "p.csv").exists()
+
+
+@pytest.mark.slow
+def test_ensemble_is_the_weighted_mean(trained_run):
+    data, run = trained_run
+    patches = list_patches(data)
+    one = Predictor.from_run(run)
+    single, _ = predict_patches([one], patches, progress=False)
+    double, _ = predict_patches(
+        [one, Predictor.from_run(run)], patches, weights=[1, 3], progress=False
+    )
+    assert np.allclose(single, double, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_cli_writes_metrics_with_intervals(trained_run):
+    data, run = trained_run
+    proc = _cli("evaluate", str(run), "--data", str(data), "--tta", "8", "--bootstrap", "200")
+    assert proc.returncode == 0, proc.stderr
+    assert "ROC AUC" in proc.stdout and "95% CI" in proc.stdout
+    metrics = json.loads((run / "metrics_valid.json").read_text())
+    lo, hi = metrics["intervals"]["auc"]
+    assert lo <= metrics["metrics"]["auc"] <= hi
+    assert (run / "evaluation_valid.png").stat().st_size > 10_000
+
+
+def test_confidence_interval_narrows_as_the_evaluation_set_grows():
+    rng = np.random.default_rng(0)
+
+    def width(n: int) -> float:
+        y = rng.integers(0, 2, n)
+        p = np.clip(0.5 + (y - 0.5) * 0.4 + rng.normal(0, 0.25, n), 0, 1)
+        ev = evaluate_probabilities(y, p, "valid", n_boot=300)
+        lo, hi = ev.intervals["auc"]
+        return hi - lo
+
+    small, large = width(100), width(2000)
+    assert large < small / 2.5  # ~ 1/sqrt(n): 20x the data, ~4.5x narrower
+
+
+def test_point_metrics_match_a_hand_count():
+    y = np.array([1, 1, 1, 0, 0, 0, 0, 1])
+    p = np.array([0.9, 0.8, 0.3, 0.2, 0.6, 0.1, 0.4, 0.7])
+    m = point_metrics(y, p, 0.5)
+    # tp=3 (0.9, 0.8, 0.7), fn=1 (0.3), fp=1 (0.6), tn=3
+    assert m["sensitivity"] == 0.75 and m["specificity"] == 0.75 and m["accuracy"] == 0.75
+    assert m["precision"] == 0.75 and m["f1"] == pytest.approx(0.75)
+    assert m["auc"] == pytest.approx(0.875)
+
+
+@pytest.mark.slow
+def test_onnx_export_matches_pytorch_with_any_batch_size(trained_run, tmp_path):
+    import onnxruntime as ort
+
+    data, run = trained_run
+    proc = _cli("export", str(run), "--format", "onnx", "--out", str(tmp_path / "m.onnx"))
+    assert proc.returncode == 0, proc.stderr
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    images = np.stack([tifffile.imread(f) for f in sorted((data / "test").glob("*.tif"))[:7]])
+    got = session.run(["probability"], {"patches": images})[0]
+    want = Predictor.from_run(run).predict_proba(images)
+    assert got.shape == (7,) and np.abs(got - want).max() < 1e-4

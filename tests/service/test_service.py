@@ -31,6 +31,7 @@ from histodetect.data.patchio import decode_patch
 from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import Predictor
 from histodetect.service.app import create_app
+from histodetect.slides.analyse import map_image, overlay_png
 from histodetect.training.run import PatchModule, export_model
 from tests.conftest import CHROMIUM, CHROMIUM_OFFLINE_FLAGS, fake_patches
 
@@ -483,8 +484,6 @@ def test_concurrent_requests_share_batches_and_get_their_own_answers(run, predic
 
 
 def test_region_maps_a_larger_image_with_the_slide_code(run):
-    from histodetect.slides import analyse as slide
-
     # A threshold below every probability: each tissue cell belongs to a region.
     low = Predictor.from_run(run, "cpu")
     low.threshold = 1e-6
@@ -500,7 +499,7 @@ def test_region_maps_a_larger_image_with_the_slide_code(run):
     body = response.json()
     assert (body["width"], body["height"], body["stride"]) == (330, 260, 32)
     assert body["file"] == "region.png" and body["threshold"] == pytest.approx(1e-6)
-    want = slide.map_image(low, region, stride=32, mpp=0.5)
+    want = map_image(low, region, stride=32, mpp=0.5)
     assert body["tissue_fraction"] == pytest.approx(float(want.tissue.mean()))
     assert 0 < body["tissue_fraction"] < 1
     assert body["max_probability"] == pytest.approx(float(want.prob[want.tissue].max()))
@@ -509,7 +508,7 @@ def test_region_maps_a_larger_image_with_the_slide_code(run):
         assert got["area_px"] == r["area_px"] and got["polygon"] == r["polygon"]
         assert got["area_mm2"] == pytest.approx(got["area_px"] * 0.5**2 / 1e6)
     overlay = _png_pixels(body["overlay_png"])
-    assert np.array_equal(overlay, _decoded(slide.overlay_png(region, want)))
+    assert np.array_equal(overlay, _decoded(overlay_png(region, want)))
 
 
 def test_region_stride_cannot_multiply_the_work_beyond_the_limit(run, predictor):

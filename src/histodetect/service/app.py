@@ -33,7 +33,7 @@ from histodetect import PATCH_SIZE, __version__
 from histodetect.data.patchio import PatchDecodeError, check_patch, decode_patch
 from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import TTA_CHOICES, Predictor
-from histodetect.slides.analyse import png_bytes
+from histodetect.slides.analyse import map_image, overlay_png, png_bytes
 
 log = logging.getLogger("histodetect.service")
 
@@ -887,7 +887,6 @@ def create_app(
         """
         (name, data), *_ = await read_uploads([file])
         image = await run_in_threadpool(decode_region_upload, data, name, limits.max_region_pixels)
-        from histodetect.slides import analyse as slide
 
         step = stride or service.region_stride
         # Cost grows as 1/stride²: a small stride on a large image could hold the model
@@ -902,11 +901,11 @@ def create_app(
             )
         try:
             region_map = await service.on_model_thread(
-                slide.map_image, predictor, image, stride=step, tta=tta, mpp=mpp
+                map_image, predictor, image, stride=step, tta=tta, mpp=mpp
             )
         except HistodetectError as exc:
             raise UploadError(422, _display_name(name), str(exc)) from None
-        png = await run_in_threadpool(slide.overlay_png, image, region_map)
+        png = await run_in_threadpool(overlay_png, image, region_map)
         tissue = np.asarray(region_map.tissue)
         prob = np.asarray(region_map.prob)
         return RegionResponse(

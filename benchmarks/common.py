@@ -9,9 +9,12 @@ from pathlib import Path
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "pcam-sample"
 
 
-def train_cli(data: Path, run: Path, *flags: str) -> None:
-    """Run `histodetect train --data DATA --out RUN FLAGS...` as a user would, quietly."""
-    subprocess.run(
+def train_cli(data: Path, run: Path, *flags: str, wait: bool = True, env=None):
+    """Run `histodetect train --data DATA --out RUN FLAGS...` as a user would, quietly.
+
+    With ``wait=False`` returns the running process instead (the caller waits for it).
+    """
+    process = subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -23,9 +26,14 @@ def train_cli(data: Path, run: Path, *flags: str) -> None:
             str(run),
             *flags,
         ],
-        check=True,
         stdout=subprocess.DEVNULL,
+        env=env,
     )
+    if not wait:
+        return process
+    if process.wait():
+        raise subprocess.CalledProcessError(process.returncode, process.args)
+    return None
 
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -37,7 +45,8 @@ def untrained_run(run: Path, arch: str | None = None, synthetic: bool = False) -
     Enough for speed and memory measurements, which do not depend on the weights.
     """
     from histodetect.config import RunConfig, merge, to_dict
-    from histodetect.training.run import PatchModule, export_model
+    from histodetect.training.module import PatchModule
+    from histodetect.training.run_folder import export_model
 
     cfg = merge(RunConfig(), {"model": {"arch": arch}}) if arch else RunConfig()
     run.mkdir(parents=True, exist_ok=True)

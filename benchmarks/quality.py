@@ -1,6 +1,6 @@
 """Quality on real patches: the default recipe vs two baselines on one held-out split.
 
-Usage: python benchmarks/quality.py [DATA] [--minutes 20]
+Usage: python benchmarks/quality.py [DATA] [--minutes 20] [--arch A --arch B] [--valid-fraction F]
 
 DATA defaults to ../shared/pcam-sample (6,259 real Kaggle patches); its seeded 10 % validation
 split is held out from every model. Printed, side by side:
@@ -12,12 +12,18 @@ split is held out from every model. Printed, side by side:
      is), evaluated without and with 8-view test-time augmentation.
 Target: the default recipe reaches validation ROC AUC >= 0.95 within 20 minutes on two CPU cores
 and beats both baselines.
+
+With several ``--arch``, step 3 runs once per architecture with the same recipe and budget, and
+prints each one's validation AUC and training images/s, then the paired bootstrap interval of
+each AUC difference against the first (same patches, so it is tighter than either interval).
+``--valid-fraction 0.3`` holds out 1,878 patches instead of 626, for intervals of about +-0.009.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -106,17 +112,103 @@ def plain_baseline(store: Store, train: np.ndarray, valid: np.ndarray, minutes: 
     return auc(probs, store.labels[valid]), epochs
 
 
+def recipe_runs(store: Store, store_path: Path, valid: np.ndarray, tmp: Path, args) -> list:
+    """Step 3 for every ``--arch``: one after another, or with ``--parallel`` all at once."""
+    archs = args.arch or [RunConfig().model.arch]
+    extra = ("--config", str(args.config)) if args.config else ()
+    # The time budget drives the one-cycle schedule; half a minute is left for start-up,
+    # the final validation and the export, so the whole command fits in the budget.
+    if not args.parallel:
+        budget = str(args.minutes - 0.5)
+        results = []
+        for arch in archs:
+            t0 = time.perf_counter()
+            flags = ("--arch", arch, "--epochs", "1000", "--max-minutes", budget, *extra)
+            train_cli(store_path, tmp / f"run-{arch}", *flags)
+            minutes = (time.perf_counter() - t0) / 60
+            results.append(recipe_result(store, valid, tmp / f"run-{arch}", arch, minutes))
+        return results
+    # Side by side: each run gets an equal share of the cores for len(archs) times the budget,
+    # so each has the machine time of a sequential run and any other load hits all alike.
+    threads = max(1, (os.cpu_count() or 2) // len(archs))
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    budget = str(args.minutes * len(archs) - 0.5)
+    t0 = time.perf_counter()
+    running = [
+        train_cli(
+            store_path,
+            tmp / f"run-{arch}",
+            *("--arch", arch, "--epochs", "1000", "--max-minutes", budget, *extra),
+            wait=False,
+            env=env,
+        )
+        for arch in archs
+    ]
+    for process in running:
+        if process.wait():
+            raise SystemExit(f"training failed: {process.args}")
+    minutes = (time.perf_counter() - t0) / 60
+    print(f"(side by side: {len(archs)} runs, {threads} thread(s) each, {minutes:.1f} min)")
+    return [recipe_result(store, valid, tmp / f"run-{a}", a, minutes) for a in archs]
+
+
+def recipe_result(store: Store, valid: np.ndarray, run: Path, arch: str, minutes: float) -> dict:
+    """Validation AUC (logged, and with TTA x8) and training speed of one recipe run."""
+    metrics = json.loads((run / "metrics.json").read_text())
+    predictor = Predictor.from_run(run)
+    images = store.read(valid)
+    probs = predictor.predict_proba(images)
+    tta = auc(predictor.predict_proba(images, tta=8), store.labels[valid])
+    result = {
+        "arch": arch,
+        "auc": metrics["valid"]["auc"],
+        "tta": tta,
+        "probs": probs,
+        "images_per_s": metrics["train_images_per_s"],
+    }
+    print(
+        f"[3] histodetect default recipe ({arch}, {metrics['epochs_run']} epochs, "
+        f"{result['images_per_s']:.0f} train images/s, {minutes:.1f} min wall): AUC "
+        f"{result['auc']:.4f} (this pass {auc(probs, store.labels[valid]):.4f}), with TTA x8 "
+        f"{tta:.4f}; run folder {run}",
+        flush=True,
+    )
+    return result
+
+
+def paired_difference(
+    y: np.ndarray, p: np.ndarray, q: np.ndarray, n_boot: int = 2000
+) -> tuple[float, float]:
+    """95 % percentile interval of AUC(p) - AUC(q), resampling the same patches for both."""
+    from sklearn.metrics import roc_auc_score
+
+    rng = np.random.default_rng(0)
+    diffs = []
+    for _ in range(n_boot):
+        idx = rng.integers(0, len(y), len(y))
+        if y[idx].min() != y[idx].max():
+            diffs.append(roc_auc_score(y[idx], p[idx]) - roc_auc_score(y[idx], q[idx]))
+    return float(np.quantile(diffs, 0.025)), float(np.quantile(diffs, 0.975))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("data", nargs="?", type=Path, default=DEFAULT)
     parser.add_argument("--minutes", type=float, default=20.0, help="budget per CNN")
     parser.add_argument("--skip-plain", action="store_true", help="skip the plain CNN")
     parser.add_argument("--config", type=Path, help="YAML overrides, to try a recipe change")
+    parser.add_argument(
+        "--arch", action="append", help="architecture(s) for step 3 (default: the default)"
+    )
+    parser.add_argument(
+        "--parallel", action="store_true", help="train the --arch runs side by side (fairer)"
+    )
+    parser.add_argument("--valid-fraction", type=float, default=0.1, help="held-out share")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="hd-quality-"))
     store_path = args.data if (args.data / "store.json").exists() else tmp / "store"
     if store_path != args.data:
-        pack(args.data, store_path, progress=False)
+        pack(args.data, store_path, progress=False, valid_fraction=args.valid_fraction)
     store = open_store(store_path)
     train, valid = split_indices_of(store, "train"), split_indices_of(store, "valid")
     print(
@@ -133,23 +225,8 @@ def main() -> None:
         flush=True,
     )
 
-    run = tmp / "run"
-    t0 = time.perf_counter()
-    extra = ("--config", str(args.config)) if args.config else ()
-    # The time budget drives the one-cycle schedule; half a minute is left for start-up,
-    # the final validation and the export, so the whole command fits in the budget.
-    budget = str(args.minutes - 0.5)
-    train_cli(store_path, run, "--epochs", "1000", "--max-minutes", budget, *extra)
-    minutes = (time.perf_counter() - t0) / 60
-    metrics = json.loads((run / "metrics.json").read_text())
-    predictor = Predictor.from_run(run)
-    tta = auc(predictor.predict_proba(store.read(valid), tta=8), store.labels[valid])
-    print(
-        f"[3] histodetect default recipe ({RunConfig().model.arch}, {metrics['epochs_run']} "
-        f"epochs, {minutes:.1f} min wall): AUC {metrics['valid']['auc']:.4f}"
-        f", with TTA x8 {tta:.4f}; run folder {run}",
-        flush=True,
-    )
+    recipes = recipe_runs(store, store_path, valid, tmp, args)
+    ours, tta = recipes[0]["auc"], recipes[0]["tta"]
 
     plain = float("nan")
     if not args.skip_plain:
@@ -161,7 +238,6 @@ def main() -> None:
             flush=True,
         )
 
-    ours = metrics["valid"]["auc"]
     print("\nsummary (validation ROC AUC, same held-out split):")
     print(f"  colour-histogram LR     {colour:.4f}")
     print(f"  plain 4-block CNN       {plain:.4f}")
@@ -169,6 +245,13 @@ def main() -> None:
         f"  histodetect default     {ours:.4f}  (TTA x8: {tta:.4f}; target >= 0.95, "
         f"beats both: {ours > colour and (plain != plain or ours > plain)})"
     )
+    for r in recipes[1:]:
+        low, high = paired_difference(store.labels[valid], r["probs"], recipes[0]["probs"])
+        print(
+            f"  {r['arch']} - {recipes[0]['arch']}: {r['auc'] - ours:+.4f} (paired bootstrap 95% "
+            f"[{low:+.4f}, {high:+.4f}]); train images/s {r['images_per_s']:.0f} vs "
+            f"{recipes[0]['images_per_s']:.0f}"
+        )
 
 
 if __name__ == "__main__":

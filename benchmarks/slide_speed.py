@@ -22,7 +22,9 @@ import torch
 from common import save_results, untrained_run
 
 from histodetect.inference.predictor import Predictor
-from histodetect.slides.analyse import choose_resolution, open_slide, predict_cells, working_reader
+from histodetect.slides.cells import predict_cells
+from histodetect.slides.readers import open_slide
+from histodetect.slides.resolution import choose_resolution, working_reader
 from histodetect.slides.synthetic import write_synthetic_slide
 
 

@@ -23,7 +23,7 @@ from common import SAMPLE, train_cli
 
 from histodetect.config import RunConfig, to_dict
 from histodetect.data.pack import pack
-from histodetect.training.run import PatchModule
+from histodetect.training.module import PatchModule
 
 DEFAULT = SAMPLE
 
@@ -78,7 +78,7 @@ def main() -> None:
             store = Path(tmp) / "store"
             pack(args.data, store, progress=False)
         else:
-            from histodetect.data.synth import generate
+            from histodetect.data.synth_kaggle import generate
 
             print(f"{args.data} not found: using SYNTHETIC data")
             generate(Path(tmp) / "synth", n=3000)

@@ -12,7 +12,8 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histodetect.data.explore import FIGURES, explore, stratified_sample
+from histodetect.data.explore import explore, stratified_sample
+from histodetect.data.explore_render import FIGURES
 from histodetect.data.pack import pack
 
 OUTPUTS = (*FIGURES, "colour_stats.csv", "summary.json", "summary.md", "summary.html")

@@ -11,7 +11,8 @@ import pytest
 import tifffile
 
 from histodetect import CENTRE, PATCH_SIZE
-from histodetect.data.synth import generate, render_patch
+from histodetect.data.synth import render_patch
+from histodetect.data.synth_kaggle import generate
 from histodetect.errors import HistodetectError
 
 LO, HI = CENTRE

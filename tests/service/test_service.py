@@ -31,8 +31,9 @@ from histodetect.data.patchio import decode_patch
 from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import Predictor
 from histodetect.service.app import create_app
-from histodetect.slides.analyse import map_image, overlay_png
-from histodetect.training.run import PatchModule, export_model
+from histodetect.slides.mapping import map_image, overlay_png
+from histodetect.training.module import PatchModule
+from histodetect.training.run_folder import export_model
 from tests.conftest import CHROMIUM, CHROMIUM_OFFLINE_FLAGS, fake_patches
 
 FINGERPRINT = "ab" * 32
@@ -282,15 +283,16 @@ def test_missing_or_invalid_fields_are_422_with_a_message(client):
 def test_upload_names_never_become_paths(client, tmp_path, monkeypatch):
     import tempfile
 
-    from histodetect.service import app as service
+    # decode_patch_upload looks decode_patch up in the uploads module.
+    from histodetect.service import uploads as decoding
 
     area = tmp_path / "temp-area"
     area.mkdir()
     monkeypatch.setattr(tempfile, "tempdir", str(area))
     monkeypatch.chdir(tmp_path)
     read: list[Path] = []
-    decode = service.decode_patch
-    monkeypatch.setattr(service, "decode_patch", lambda p: read.append(Path(p)) or decode(p))
+    decode = decoding.decode_patch
+    monkeypatch.setattr(decoding, "decode_patch", lambda p: read.append(Path(p)) or decode(p))
     images, _ = fake_patches(2)
     names = ["../../escape.tif", "/etc/histodetect-x.png", "..\\win.tif"]
     uploads = [(n, _encode(images[k % 2], n.rsplit(".", 1)[1])) for k, n in enumerate(names)]

@@ -15,22 +15,15 @@ from PIL import Image
 from histodetect.config import RunConfig, merge, to_dict
 from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import Predictor
-from histodetect.slides import analyse as slide_module
-from histodetect.slides.analyse import (
-    RegionMap,
-    _TiffReader,
-    analyse,
-    choose_resolution,
-    find_regions,
-    list_slides,
-    map_image,
-    open_slide,
-    overlay_png,
-    run_slides,
-    shard,
-)
+from histodetect.slides import mapping as slide_module
+from histodetect.slides.batch import list_slides, run_slides, shard
+from histodetect.slides.mapping import RegionMap, analyse, map_image, overlay_png
+from histodetect.slides.readers import _TiffReader, open_slide
+from histodetect.slides.regions import find_regions
+from histodetect.slides.resolution import choose_resolution
 from histodetect.slides.synthetic import render_region, truth_cells, write_synthetic_slide
-from histodetect.training.run import PatchModule, export_model
+from histodetect.training.module import PatchModule
+from histodetect.training.run_folder import export_model
 
 SHARED_SLIDES = Path(__file__).resolve().parents[2].parent / "shared" / "slides"
 
@@ -214,7 +207,7 @@ def test_dense_mode_equals_patch_wise_mode(fcn, slide_file, tta):
 def test_dense_needs_a_padding_free_model(cnn_run, fcn, slide_file):
     cnn = Predictor.from_run(cnn_run, "cpu")
     image = render_region(0, 0, 200, 160, 1, TISSUE, TUMOURS)
-    with pytest.raises(HistodetectError, match=r"zero padding.*smallfcn"):
+    with pytest.raises(HistodetectError, match=r"zero padding.*densecnn"):
         map_image(cnn, image, mode="dense")
     assert map_image(cnn, image).mode == "patch"  # auto falls back
     with pytest.raises(HistodetectError, match="multiple of 32"):

@@ -19,7 +19,7 @@ from histodetect.data.pack import pack
 from histodetect.data.store import open_store
 from histodetect.errors import HistodetectError
 from histodetect.models.classifier import build_model
-from histodetect.training.run import PatchModule
+from histodetect.training.module import PatchModule
 
 
 def cli(*args: str, **kw) -> subprocess.Popen:

@@ -130,7 +130,7 @@ def test_inference_preprocessing_equals_the_training_path():
 def test_ema_forgets_the_initial_weights_and_keeps_integer_buffers():
     from torch.optim.swa_utils import AveragedModel
 
-    from histodetect.training.run import ema_with_warmup
+    from histodetect.training.module import ema_with_warmup
 
     live = torch.nn.BatchNorm1d(1)
     avg = AveragedModel(live, avg_fn=ema_with_warmup(0.998), use_buffers=True)

@@ -7,6 +7,7 @@ import json
 import os
 import shutil
 import time
+from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -43,6 +44,25 @@ class PackResult:
     def rate(self) -> float:
         """Patches decoded per second in this run."""
         return self.decoded_this_run / self.seconds if self.seconds > 0 else 0.0
+
+
+@dataclass(frozen=True)
+class _Plan:
+    """What a pack writes: the source, its index arrays, their fingerprint and the chunking."""
+
+    source: Source
+    arrays: dict[str, np.ndarray]
+    fingerprint: str
+    rows: int
+    chunk_rows: int
+
+    @property
+    def chunks(self) -> int:
+        return -(-self.rows // self.chunk_rows)
+
+    def span(self, k: int) -> tuple[int, int, int]:
+        """Chunk ``k`` and its rows [start, stop)."""
+        return k, k * self.chunk_rows, min(self.rows, (k + 1) * self.chunk_rows)
 
 
 def _plan_arrays(source: Source) -> dict[str, np.ndarray]:
@@ -136,6 +156,34 @@ def pack(
     """
     t0 = time.perf_counter()
     out = Path(out)
+    plan = _make_plan(data, skip_bad, valid_fraction, seed, chunk_rows)
+    if replace_stale and out.exists() and _fingerprint_in(out) not in (None, plan.fingerprint):
+        shutil.rmtree(out)
+    if (out / MANIFEST).exists():
+        return _already_packed(out, plan)
+    _start_or_resume(out, plan)
+    # A chunk that had bad patches is redone: the user may have fixed the files since.
+    committed = {k: rec for k, rec in _read_log(out / LOG).items() if not rec["bad"]}
+    results, decoded = _decode_chunks(out, plan, committed, workers, progress)
+    bad_rows = _bad_rows(results, data, skip_bad)
+    manifest = _write_store(out, plan, results, bad_rows)
+    result = PackResult(
+        str(out),
+        manifest["patches"],
+        manifest["skipped"],
+        decoded,
+        len(committed),
+        time.perf_counter() - t0,
+        plan.source.synthetic,
+    )
+    (out / "pack-summary.json").write_text(json.dumps(asdict(result), indent=2))
+    return result
+
+
+def _make_plan(
+    data: str | Path, skip_bad: bool, valid_fraction: float, seed: int, chunk_rows: int
+) -> _Plan:
+    """Open DATA and fingerprint what it would pack into (ids, labels, splits, where from)."""
     source = open_source(data, skip_bad=skip_bad, valid_fraction=valid_fraction, seed=seed)
     if source.kind == "store":
         raise HistodetectError(f"{data}: is already a packed store; nothing to pack.")
@@ -143,50 +191,62 @@ def pack(
     fingerprint = hashlib.sha256(
         index_bytes(arrays) + f"{source.kind}:{Path(source.path).resolve()}".encode()
     ).hexdigest()
-    n = len(source)
-    n_chunks = -(-n // chunk_rows)
+    return _Plan(source, arrays, fingerprint, len(source), chunk_rows)
 
-    if replace_stale and out.exists() and _fingerprint_in(out) not in (None, fingerprint):
-        shutil.rmtree(out)
-    if (out / MANIFEST).exists():
-        manifest = json.loads((out / MANIFEST).read_text())
-        if manifest.get("fingerprint") == fingerprint:
-            return PackResult(
-                str(out),
-                manifest["patches"],
-                manifest["skipped"],
-                0,
-                n_chunks,
-                0.0,
-                source.synthetic,
-            )
-        raise HistodetectError(f"{out}: already holds a different packed store; choose --out.")
-    plan_path, log_path, partial = out / PLAN, out / LOG, out / PARTIAL
+
+def _already_packed(out: Path, plan: _Plan) -> PackResult:
+    """The result of a finished pack of the same data in ``out``; an error for other data."""
+    manifest = json.loads((out / MANIFEST).read_text())
+    if manifest.get("fingerprint") == plan.fingerprint:
+        return PackResult(
+            str(out),
+            manifest["patches"],
+            manifest["skipped"],
+            0,
+            plan.chunks,
+            0.0,
+            plan.source.synthetic,
+        )
+    raise HistodetectError(f"{out}: already holds a different packed store; choose --out.")
+
+
+def _start_or_resume(out: Path, plan: _Plan) -> None:
+    """Check an unfinished pack in ``out`` is of the same data, or start one: plan + array."""
+    plan_path, partial = out / PLAN, out / PARTIAL
     if plan_path.exists():
-        plan = json.loads(plan_path.read_text())
-        if plan["fingerprint"] != fingerprint or plan["chunk_rows"] != chunk_rows:
+        saved = json.loads(plan_path.read_text())
+        if saved["fingerprint"] != plan.fingerprint or saved["chunk_rows"] != plan.chunk_rows:
             raise HistodetectError(
                 f"{out}: holds an unfinished pack of different data (or chunk size); remove the "
                 "folder or choose another --out."
             )
         if not partial.exists() and (out / IMAGES).exists():
             os.replace(out / IMAGES, partial)  # interrupted between the final renames
-    else:
-        if out.exists() and any(out.iterdir()):
-            raise HistodetectError(f"{out}: exists and is not empty; choose a new --out folder.")
-        out.mkdir(parents=True, exist_ok=True)
-        np.lib.format.open_memmap(
-            partial, mode="w+", dtype=np.uint8, shape=(n, PATCH_SIZE, PATCH_SIZE, 3)
-        ).flush()
-        write_atomic(
-            plan_path,
-            json.dumps({"fingerprint": fingerprint, "chunk_rows": chunk_rows, "rows": n}).encode(),
-        )
+        return
+    if out.exists() and any(out.iterdir()):
+        raise HistodetectError(f"{out}: exists and is not empty; choose a new --out folder.")
+    out.mkdir(parents=True, exist_ok=True)
+    n = plan.rows
+    np.lib.format.open_memmap(
+        partial, mode="w+", dtype=np.uint8, shape=(n, PATCH_SIZE, PATCH_SIZE, 3)
+    ).flush()
+    write_atomic(
+        plan_path,
+        json.dumps(
+            {"fingerprint": plan.fingerprint, "chunk_rows": plan.chunk_rows, "rows": n}
+        ).encode(),
+    )
 
-    done = _read_log(log_path)
-    # A chunk that had bad patches is redone: the user may have fixed the files since.
-    committed = {k: rec for k, rec in done.items() if not rec["bad"]}
-    todo = [k for k in range(n_chunks) if k not in committed]
+
+def _decode_chunks(
+    out: Path, plan: _Plan, committed: dict[int, dict], workers: int | None, progress: bool
+) -> tuple[dict[int, dict], int]:
+    """Decode every chunk not yet ``committed``, logging each as it finishes.
+
+    Returns the log records of all chunks and how many patches this run decoded.
+    """
+    n, chunk_rows = plan.rows, plan.chunk_rows
+    todo = [k for k in range(plan.chunks) if k not in committed]
     results: dict[int, dict] = dict(committed)
     decoded = 0
     workers = max(1, min(workers or os.cpu_count() or 1, len(todo) or 1))
@@ -201,7 +261,7 @@ def pack(
         disable=not progress,
         smoothing=0.1,
     )
-    with open(log_path, "a") as log:
+    with open(out / LOG, "a") as log:
 
         def commit(k: int, digest: str, bad: list) -> None:
             nonlocal decoded
@@ -214,27 +274,44 @@ def pack(
             decoded += size
             bar.update(size)
 
-        spans = [(k, k * chunk_rows, min(n, (k + 1) * chunk_rows)) for k in todo]
-        if workers == 1:
-            _init_worker(source, str(partial))
-            for span in spans:
-                commit(*_pack_chunk(*span))
-            _WORKER.clear()
-        else:
-            with ProcessPoolExecutor(
-                workers, initializer=_init_worker, initargs=(source, str(partial))
-            ) as pool:
-                pending = {pool.submit(_pack_chunk, *span) for span in spans[: workers * 4]}
-                queued = workers * 4
-                while pending:
-                    finished, pending = wait(pending, return_when=FIRST_COMPLETED)
-                    for fut in finished:
-                        commit(*fut.result())
-                        if queued < len(spans):
-                            pending.add(pool.submit(_pack_chunk, *spans[queued]))
-                            queued += 1
+        spans = [plan.span(k) for k in todo]
+        _run_chunks(plan.source, out / PARTIAL, spans, workers, commit)
     bar.close()
+    return results, decoded
 
+
+def _run_chunks(
+    source: Source,
+    partial: Path,
+    spans: list[tuple[int, int, int]],
+    workers: int,
+    commit: Callable[[int, str, list], None],
+) -> None:
+    """Decode ``spans`` here (one worker) or in a process pool, committing each as it ends."""
+    if workers == 1:
+        _init_worker(source, str(partial))
+        for span in spans:
+            commit(*_pack_chunk(*span))
+        _WORKER.clear()
+        return
+    with ProcessPoolExecutor(
+        workers, initializer=_init_worker, initargs=(source, str(partial))
+    ) as pool:
+        pending = {pool.submit(_pack_chunk, *span) for span in spans[: workers * 4]}
+        queued = workers * 4
+        while pending:
+            finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                commit(*fut.result())
+                if queued < len(spans):
+                    pending.add(pool.submit(_pack_chunk, *spans[queued]))
+                    queued += 1
+
+
+def _bad_rows(
+    results: dict[int, dict], data: str | Path, skip_bad: bool
+) -> list[tuple[int, str, str]]:
+    """Every bad patch as (row, where, why), sorted; fails listing them unless ``skip_bad``."""
     bad_rows = sorted(
         (row, where, why) for rec in results.values() for row, where, why in rec["bad"]
     )
@@ -245,9 +322,21 @@ def pack(
             "work is kept), or pass --skip-bad to pack the rest:\n" + describe_problems(problems),
             problems,
         )
+    return bad_rows
+
+
+def _write_store(
+    out: Path, plan: _Plan, results: dict[int, dict], bad_rows: list[tuple[int, str, str]]
+) -> dict:
+    """Finish the store: index, bad-patch list, images in place, manifest; drop log and plan.
+
+    Returns the manifest.
+    """
+    source, n = plan.source, plan.rows
+    problems = [(where, why) for _, where, why in bad_rows]
     keep = np.ones(n, bool)
     keep[[row for row, _, _ in bad_rows]] = False
-    index = {k: v[keep] for k, v in arrays.items()}
+    index = {k: v[keep] for k, v in plan.arrays.items()}
     index["rows"] = np.flatnonzero(keep).astype(np.int64)
     blob = index_bytes(index)
     write_atomic(out / INDEX, blob)
@@ -260,7 +349,7 @@ def pack(
         "version": VERSION,
         "synthetic": source.synthetic,
         "source": {"kind": source.kind, "path": str(Path(source.path).resolve())},
-        "fingerprint": fingerprint,
+        "fingerprint": plan.fingerprint,
         "rows": n,
         "patches": int(keep.sum()),
         "skipped": len(all_problems),
@@ -268,25 +357,15 @@ def pack(
         "has_slides": source.slides is not None,
         "checksums": {
             "algorithm": "sha256",
-            "chunk_rows": chunk_rows,
-            "chunks": [results[k]["sha256"] for k in range(n_chunks)],
+            "chunk_rows": plan.chunk_rows,
+            "chunks": [results[k]["sha256"] for k in range(plan.chunks)],
             "index": hashlib.sha256(blob).hexdigest(),
         },
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "histodetect": __version__,
     }
-    os.replace(partial, out / IMAGES)
+    os.replace(out / PARTIAL, out / IMAGES)
     write_atomic(out / MANIFEST, json.dumps(manifest, indent=2).encode())
-    log_path.unlink(missing_ok=True)
-    plan_path.unlink(missing_ok=True)
-    result = PackResult(
-        str(out),
-        manifest["patches"],
-        manifest["skipped"],
-        decoded,
-        len(committed),
-        time.perf_counter() - t0,
-        source.synthetic,
-    )
-    (out / "pack-summary.json").write_text(json.dumps(asdict(result), indent=2))
-    return result
+    (out / LOG).unlink(missing_ok=True)
+    (out / PLAN).unlink(missing_ok=True)
+    return manifest

@@ -1,17 +1,14 @@
-"""Synthetic PatchCamelyon-like H&E patches, and a Kaggle-layout writer for demos and tests."""
+"""Synthetic PatchCamelyon-like H&E patches: noise and nucleus banks, tissue layers, rendering."""
 
 from __future__ import annotations
 
-import csv
 import functools
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 
 from histodetect import CENTRE, PATCH_SIZE
-from histodetect.errors import HistodetectError
 
 # Ruifrok & Johnston-style optical-density vectors (R, G, B). Mixing stains in OD space
 # (Beer-Lambert) is what makes overlaps, pale and dark areas come out in plausible H&E colours.
@@ -267,6 +264,55 @@ def _tumour_cluster(
     return (x[keep], y[keep], shape[keep]), spread
 
 
+def _draw_clusters(
+    rng: np.random.Generator, kind: int, size: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[tuple[float, float, float]]]:
+    """One draw of 1-2 tumour clusters: nucleus x, y and bank shape, spaced; cluster areas.
+
+    A positive patch's first cluster is pinned over the centre box; decoy (and extra) clusters
+    start in the border ring.
+    """
+    bank = _tumour_bank()
+    parts, regions = [], []
+    for j in range(1 + int(rng.random() < 0.3)):
+        if kind == POSITIVE and j == 0:
+            cx, cy = rng.uniform(_LO - 4, _HI + 4, 2)
+            part, spread = _tumour_cluster(rng, (cx, cy), True, size)
+            parts.append(part)
+            regions.append((cx, cy, spread))
+            continue
+        # Decoy (and extra) clusters start in the border ring so that some cells survive
+        # the centre-box exclusion; they still often reach right up to the box edge.
+        while True:
+            cx, cy = rng.uniform(2, PATCH_SIZE - 2, 2)
+            if max(abs(cx - 48), abs(cy - 48)) > 26:
+                break
+        part, spread = _tumour_cluster(rng, (cx, cy), False, size)
+        parts.append(part)
+        regions.append((cx, cy, spread))
+    x, y, shape = (np.concatenate(v) for v in zip(*parts, strict=True))
+    # Spacing across all clusters at once, so that a second cluster cannot pile onto the
+    # first; the greedy pass always keeps nucleus 0, the one pinned inside the box.
+    keep = _greedy_spacing(x, y, bank.radius[shape], 0.8)
+    return x[keep], y[keep], shape[keep], regions
+
+
+def _stamp_nuclei(
+    rng: np.random.Generator, x: np.ndarray, y: np.ndarray, shape: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Canvas index, bank index and coverage of every stencil pixel of every nucleus.
+
+    Each nucleus takes its bank shape in one of the 8 flips/rotations, at random.
+    """
+    bank = _tumour_bank()
+    stencil = bank.flat.size
+    # Whole-pixel centres (rint): at this size nobody can see a half-pixel snap.
+    centre_idx = _canvas_index(np.rint(x), np.rint(y))
+    idx = centre_idx[:, None] + bank.flat[None, :]
+    src = shape[:, None] * stencil + bank.dihedral[rng.integers(0, 8, len(x))]
+    return idx, src, bank.cover[src]
+
+
 def _tumour_layer(
     rng: np.random.Generator, kind: int, chromatin: np.ndarray
 ) -> tuple[_Layer, np.ndarray, np.ndarray, list[tuple[float, float, float]]]:
@@ -284,37 +330,11 @@ def _tumour_layer(
             [],
         )
     bank = _tumour_bank()
-    stencil = bank.flat.size
     size = rng.uniform(4.5, 6.5)  # per patch: some tumours have bigger nuclei than others
     tone = rng.uniform(0.7, 1.3)  # per patch: vesicular (pale) to hyperchromatic (dark)
     while True:
-        parts, regions = [], []
-        for j in range(1 + int(rng.random() < 0.3)):
-            if kind == POSITIVE and j == 0:
-                cx, cy = rng.uniform(_LO - 4, _HI + 4, 2)
-                part, spread = _tumour_cluster(rng, (cx, cy), True, size)
-                parts.append(part)
-                regions.append((cx, cy, spread))
-                continue
-            # Decoy (and extra) clusters start in the border ring so that some cells survive
-            # the centre-box exclusion; they still often reach right up to the box edge.
-            while True:
-                cx, cy = rng.uniform(2, PATCH_SIZE - 2, 2)
-                if max(abs(cx - 48), abs(cy - 48)) > 26:
-                    break
-            part, spread = _tumour_cluster(rng, (cx, cy), False, size)
-            parts.append(part)
-            regions.append((cx, cy, spread))
-        x, y, shape = (np.concatenate(v) for v in zip(*parts, strict=True))
-        # Spacing across all clusters at once, so that a second cluster cannot pile onto the
-        # first; the greedy pass always keeps nucleus 0, the one pinned inside the box.
-        keep = _greedy_spacing(x, y, bank.radius[shape], 0.8)
-        x, y, shape = x[keep], y[keep], shape[keep]
-        # Whole-pixel centres (rint): at this size nobody can see a half-pixel snap.
-        centre_idx = _canvas_index(np.rint(x), np.rint(y))
-        idx = centre_idx[:, None] + bank.flat[None, :]
-        src = shape[:, None] * stencil + bank.dihedral[rng.integers(0, 8, len(x))]
-        cover = bank.cover[src]
+        x, y, shape, regions = _draw_clusters(rng, kind, size)
+        idx, src, cover = _stamp_nuclei(rng, x, y, shape)
         inside = cover >= 0.5
         if kind == DECOY:
             keep = ~(inside & _IN_BOX[idx]).any(axis=1)
@@ -494,180 +514,3 @@ def render_patch(
     mask = np.zeros(_CANVAS, dtype=bool)
     mask[mask_idx] = True
     return image, np.ascontiguousarray(_crop(mask))
-
-
-def _patch_rng(seed: int, split: int, index: int) -> np.random.Generator:
-    """The generator of one patch: a function of (seed, split, index) only, not of run order."""
-    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(split, index)))
-
-
-def _plan_kinds(
-    rng: np.random.Generator, n: int, positive_fraction: float, decoy_fraction: float
-) -> np.ndarray:
-    """Exact class counts (rounded), in a random order: an array of PLAIN/POSITIVE/DECOY."""
-    n_pos = round(n * positive_fraction)
-    n_decoy = round((n - n_pos) * decoy_fraction)
-    kinds = np.full(n, PLAIN)
-    kinds[:n_pos] = POSITIVE
-    kinds[n_pos : n_pos + n_decoy] = DECOY
-    return rng.permutation(kinds)
-
-
-def _unique_ids(rng: np.random.Generator, n: int) -> list[str]:
-    """``n`` distinct Kaggle-style ids: 40 lowercase hex characters (a SHA-1's length)."""
-    ids: list[str] = []
-    seen: set[str] = set()
-    while len(ids) < n:
-        candidate = rng.bytes(20).hex()
-        if candidate not in seen:  # a repeat is astronomically unlikely, but must not happen
-            seen.add(candidate)
-            ids.append(candidate)
-    return ids
-
-
-def _require_empty(folder: Path) -> None:
-    """Raise HistodetectError unless ``folder`` is absent or an empty directory."""
-    if folder.exists() and not folder.is_dir():
-        raise HistodetectError(f"{folder} exists and is not a folder; choose another output path.")
-    if folder.is_dir() and any(folder.iterdir()):
-        raise HistodetectError(
-            f"{folder} is not empty; refusing to mix new synthetic patches with existing files. "
-            "Choose a new output folder or empty this one."
-        )
-
-
-def _write_csv(path: Path, rows: list[tuple[str, int]]) -> None:
-    """Write an ``id,label`` CSV."""
-    # "\n" line ends, as in Kaggle's files, and identical bytes on every platform.
-    with path.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.writer(f, lineterminator="\n")
-        writer.writerow(("id", "label"))
-        writer.writerows(rows)
-
-
-def _marker_text(seed: int, n: int, n_pos: int, n_decoy: int, n_test: int) -> str:
-    """The SYNTHETIC.md note: what made the data, from which seed, and not to trust it."""
-    from histodetect import __version__
-
-    test = (
-        f"{n_test} patches in test/, a blank sample_submission.csv, and the true labels in "
-        "test_labels_SYNTHETIC.csv"
-        if n_test
-        else "none"
-    )
-    return (
-        "# SYNTHETIC DATA - not real histopathology\n\n"
-        "Every image here was generated by histodetect synth (`histodetect.synth`, histodetect "
-        f"{__version__}); none comes from a patient or a microscope.\n\n"
-        f"- seed: {seed}\n"
-        f"- train: {n} patches in train/, labels in train_labels.csv ({n_pos} label 1; "
-        f"{n_decoy} decoys: label 0 with tumour-like cells outside the centre 32x32 box only)\n"
-        f"- test: {test}\n\n"
-        "The layout mimics Kaggle's Histopathologic Cancer Detection data so that pipelines can "
-        "be run end to end. Do not use these data, or any model or score obtained from them, "
-        "to judge real-world performance.\n"
-    )
-
-
-def generate(
-    out: str | Path,
-    n: int = 2000,
-    seed: int = 0,
-    n_test: int = 0,
-    positive_fraction: float = 0.4,
-    decoy_fraction: float = 0.3,
-    progress: bool = False,
-) -> dict:
-    """Write a synthetic dataset in the Kaggle Histopathologic Cancer Detection layout.
-
-    Creates ``out/train/<id>.tif`` and ``out/train_labels.csv`` (``id,label``); when
-    ``n_test > 0`` also ``out/test/<id>.tif``, ``out/sample_submission.csv`` (all labels 0,
-    rows shuffled) and the answers in ``out/test_labels_SYNTHETIC.csv``; and always
-    ``out/SYNTHETIC.md``, a note that the data are synthetic. The same arguments give
-    byte-identical files.
-
-    Args:
-        out: Output folder; created if needed.
-        n: Number of training patches.
-        seed: Non-negative integer seed.
-        n_test: Number of test patches (0 for none).
-        positive_fraction: Fraction of label-1 patches in each split.
-        decoy_fraction: Fraction of the label-0 patches that are decoys, with tumour-like
-            cells outside the centre box only.
-        progress: Show a progress bar.
-
-    Returns:
-        A summary: ``{"synthetic": True, "seed", "n_train", "n_test", "positives",
-        "decoys", "path"}``, where ``positives`` and ``decoys`` count the training split.
-
-    Raises:
-        HistodetectError: on invalid arguments, or when ``out/train`` (or ``out/test``, if
-            a test split is asked for) already contains files.
-    """
-    for name, value, low in (("n", n, 1), ("n_test", n_test, 0), ("seed", seed, 0)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
-            raise HistodetectError(f"{name} must be an integer >= {low}, got {value!r}.")
-    for name, value in (
-        ("positive_fraction", positive_fraction),
-        ("decoy_fraction", decoy_fraction),
-    ):
-        if not 0.0 <= float(value) <= 1.0:
-            raise HistodetectError(f"{name} must be between 0 and 1, got {value!r}.")
-    n, n_test, seed = int(n), int(n_test), int(seed)
-    out = Path(out)
-    if out.exists() and not out.is_dir():
-        raise HistodetectError(f"{out} exists and is not a folder; choose another output path.")
-    train_dir, test_dir = out / "train", out / "test"
-    _require_empty(train_dir)
-    if n_test:
-        _require_empty(test_dir)
-
-    plan = _patch_rng(seed, 0, 0)
-    ids = _unique_ids(plan, n + n_test)
-    splits = [("train", 1, ids[:n], _plan_kinds(plan, n, positive_fraction, decoy_fraction))]
-    if n_test:
-        kinds = _plan_kinds(plan, n_test, positive_fraction, decoy_fraction)
-        splits.append(("test", 2, ids[n:], kinds))
-    submission_order = plan.permutation(n_test)
-    n_pos = int(np.sum(splits[0][3] == POSITIVE))
-    n_decoy = int(np.sum(splits[0][3] == DECOY))
-
-    train_dir.mkdir(parents=True, exist_ok=True)
-    if n_test:
-        test_dir.mkdir(exist_ok=True)
-    # The marker goes first so that even a half-written folder says it is synthetic.
-    (out / "SYNTHETIC.md").write_text(
-        _marker_text(seed, n, n_pos, n_decoy, n_test), encoding="utf-8", newline="\n"
-    )
-
-    import tifffile
-    from tqdm.auto import tqdm
-
-    labels: dict[str, list[tuple[str, int]]] = {}
-    with tqdm(
-        total=n + n_test, disable=not progress, desc="synthetic patches", unit="patch"
-    ) as bar:
-        for split, stream, split_ids, kinds in splits:
-            rows = []
-            for i, (patch_id, kind) in enumerate(zip(split_ids, kinds, strict=True)):
-                label = int(kind == POSITIVE)
-                image, _ = render_patch(_patch_rng(seed, stream, i), label, kind == DECOY)
-                tifffile.imwrite(out / split / f"{patch_id}.tif", image, photometric="rgb")
-                rows.append((patch_id, label))
-                bar.update()
-            labels[split] = rows
-
-    _write_csv(out / "train_labels.csv", labels["train"])
-    if n_test:
-        answers = [labels["test"][i] for i in submission_order]
-        _write_csv(out / "sample_submission.csv", [(patch_id, 0) for patch_id, _ in answers])
-        _write_csv(out / "test_labels_SYNTHETIC.csv", answers)
-    return {
-        "synthetic": True,
-        "seed": seed,
-        "n_train": n,
-        "n_test": n_test,
-        "positives": n_pos,
-        "decoys": n_decoy,
-        "path": str(out),
-    }

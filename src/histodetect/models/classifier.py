@@ -8,12 +8,14 @@ import torch
 from torch import nn
 
 from histodetect.errors import HistodetectError
+from histodetect.models.dense import DenseCNN, SmallFCN
 
-OWN_MODELS = ("smallcnn", "smallfcn")
+OWN_MODELS = ("densecnn", "smallcnn", "smallfcn")
 # Backbones the PCam/Kaggle community used, all checked to run at 96 px; any timm name works.
 RECOMMENDED = {
+    "densecnn": "ours: padding-free CNN the size of smallcnn, for exact dense whole-slide maps",
     "smallcnn": "ours: a compact CNN that trains in minutes on two CPU cores (default)",
-    "smallfcn": "ours: padding-free CNN for fast exact dense whole-slide maps (slide --mode dense)",
+    "smallfcn": "ours: a smaller padding-free CNN (dense maps; densecnn is stronger)",
     "resnet18": "ResNet-18, a solid fast baseline",
     "resnet50": "ResNet-50",
     "legacy_xception": "Xception (the Keras original, as in many Kaggle kernels)",
@@ -106,17 +108,11 @@ def load_state_dict_file(path: str | Path) -> dict[str, torch.Tensor]:
 
 def build_backbone(arch: str, pretrained: bool = False) -> tuple[nn.Module, int]:
     """Create a feature extractor returning pooled features, and its feature width."""
-    if arch == "smallfcn":  # padding-free: `histodetect slide` maps it densely, see dense.py
-        from histodetect.models.dense import SmallFCN
-
+    own = {"densecnn": DenseCNN, "smallcnn": SmallCNN, "smallfcn": SmallFCN}
+    if arch in own:  # densecnn and smallfcn are padding-free: `slide` maps them densely
         if pretrained:
-            raise HistodetectError("smallfcn has no pretrained weights; drop --pretrained.")
-        net = SmallFCN()
-        return net, net.num_features
-    if arch == "smallcnn":
-        if pretrained:
-            raise HistodetectError("smallcnn has no pretrained weights; drop --pretrained.")
-        net = SmallCNN()
+            raise HistodetectError(f"{arch} has no pretrained weights; drop --pretrained.")
+        net = own[arch]()
         return net, net.num_features
     import timm
 

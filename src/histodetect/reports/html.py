@@ -278,12 +278,20 @@ def _section_evaluation(run: Path, evals: dict[str, dict]) -> list[str]:
                 "(or histodetect report RUN --data DATA, which evaluates first)."
             ),
         ]
-    splits = list(evals)
     parts.append(
         "<p>Patch-level metrics at the run's decision threshold, with 95% percentile bootstrap "
         "intervals (patches resampled). Patches cut from the same slide are correlated, so "
         "the intervals are optimistic when many patches share a slide.</p>"
     )
+    parts.append(_metrics_table(evals))
+    for split, ev in evals.items():
+        parts += _split_details(run, split, ev)
+    return parts
+
+
+def _metrics_table(evals: dict[str, dict]) -> str:
+    """One row per metric (and calibration error), a value and 95% CI column per split."""
+    splits = list(evals)
     header = ["metric"]
     for split in splits:
         ev = evals[split]
@@ -307,67 +315,74 @@ def _section_evaluation(run: Path, evals: dict[str, dict]) -> list[str]:
     for split in splits:
         ece_row += [_esc(_num(evals[split].get("ece"))), ""]
     rows.append([*ece_row, '<span class="dim">gap between probability and frequency</span>'])
-    parts.append(_table(header, rows, last_left=True))
+    return _table(header, rows, last_left=True)
 
-    for split in splits:
-        ev = evals[split]
-        parts.append(f"<h3>{_esc(split)} split</h3>")
-        thresholds = ev.get("thresholds", {})
-        confusion = ev.get("confusion", {})
-        rows = []
-        for name, value in thresholds.items():
-            c = confusion.get(name, {})
-            tp, fp, tn, fn = (int(c.get(k, 0)) for k in ("tp", "fp", "tn", "fn"))
-            sens = f"{tp / (tp + fn):.3f}" if tp + fn else "n/a"
-            spec = f"{tn / (tn + fp):.3f}" if tn + fp else "n/a"
-            rows.append(
-                [
-                    _esc(_threshold_name(name)),
-                    _esc(_num(value, 3)),
-                    _num(tp),
-                    _num(fn),
-                    _num(tn),
-                    _num(fp),
-                    sens,
-                    spec,
-                ]
-            )
-        if rows:
-            parts.append(
-                _table(
-                    [
-                        "threshold",
-                        "value",
-                        "tumour found (TP)",
-                        "tumour missed (FN)",
-                        "normal cleared (TN)",
-                        "false alarms (FP)",
-                        "sensitivity",
-                        "specificity",
-                    ],
-                    rows,
-                )
-            )
-            parts.append(
-                '<p class="sub">Alternative thresholds are chosen on the validation split: '
-                "Youden's J maximises sensitivity + specificity; the sensitivity threshold is "
-                "the highest one that still finds that share of tumour patches.</p>"
-            )
-        temp = ev.get("temperature")
-        if temp is not None:
-            parts.append(
-                f"<p>Temperature that would calibrate the probabilities: {_esc(_num(temp, 3))} "
-                "(stored only when evaluated with --calibrate).</p>"
-            )
+
+def _split_details(run: Path, split: str, ev: dict) -> list[str]:
+    """One split: its thresholds table, calibrating temperature and evaluation figure."""
+    parts = [f"<h3>{_esc(split)} split</h3>"]
+    table = _thresholds_table(ev)
+    if table:
+        parts.append(table)
         parts.append(
-            _img(
-                run / f"evaluation_{split}.png",
-                f"evaluation on {split}",
-                "ROC curve, precision-recall curve, reliability diagram (calibration) and "
-                "confusion matrix at the run's threshold.",
-            )
+            '<p class="sub">Alternative thresholds are chosen on the validation split: '
+            "Youden's J maximises sensitivity + specificity; the sensitivity threshold is "
+            "the highest one that still finds that share of tumour patches.</p>"
         )
+    temp = ev.get("temperature")
+    if temp is not None:
+        parts.append(
+            f"<p>Temperature that would calibrate the probabilities: {_esc(_num(temp, 3))} "
+            "(stored only when evaluated with --calibrate).</p>"
+        )
+    parts.append(
+        _img(
+            run / f"evaluation_{split}.png",
+            f"evaluation on {split}",
+            "ROC curve, precision-recall curve, reliability diagram (calibration) and "
+            "confusion matrix at the run's threshold.",
+        )
+    )
     return parts
+
+
+def _thresholds_table(ev: dict) -> str | None:
+    """Confusion counts, sensitivity and specificity at each stored threshold (None if none)."""
+    thresholds = ev.get("thresholds", {})
+    confusion = ev.get("confusion", {})
+    rows = []
+    for name, value in thresholds.items():
+        c = confusion.get(name, {})
+        tp, fp, tn, fn = (int(c.get(k, 0)) for k in ("tp", "fp", "tn", "fn"))
+        sens = f"{tp / (tp + fn):.3f}" if tp + fn else "n/a"
+        spec = f"{tn / (tn + fp):.3f}" if tn + fp else "n/a"
+        rows.append(
+            [
+                _esc(_threshold_name(name)),
+                _esc(_num(value, 3)),
+                _num(tp),
+                _num(fn),
+                _num(tn),
+                _num(fp),
+                sens,
+                spec,
+            ]
+        )
+    if not rows:
+        return None
+    return _table(
+        [
+            "threshold",
+            "value",
+            "tumour found (TP)",
+            "tumour missed (FN)",
+            "normal cleared (TN)",
+            "false alarms (FP)",
+            "sensitivity",
+            "specificity",
+        ],
+        rows,
+    )
 
 
 def _threshold_name(name: str) -> str:

@@ -168,3 +168,44 @@ def truth_cells(
     """Cells (of ``cell`` level-0 px) whose centre lies inside any of the ellipses."""
     rows, cols = grid
     return _inside(ellipses, (np.arange(cols) + 0.5) * cell, (np.arange(rows) + 0.5) * cell)
+
+
+def write_truth_annotations(
+    truth: dict, folder: str | Path, name: str | None = None, *, vertices: int = 256
+) -> dict[str, Path]:
+    """The planted tumours of a SYNTHETIC slide as the annotation files a lab would have.
+
+    Each tumour ellipse, clipped to the tissue ellipses (``render_region`` plants tumour only
+    on tissue), becomes a polygon of ``vertices`` points on the ellipse, in level-0 px:
+    ``<name>.xml`` (ASAP, group ``_0``, as Camelyon16) and ``<name>.geojson`` (QuPath class
+    ``Tumor``). A slide without tumours gets files without outlines: a normal slide.
+
+    Args:
+        truth: What ``write_synthetic_slide`` returned.
+        folder: Where to write (created when missing).
+        name: File stem; by default the slide's.
+        vertices: Points per ellipse; 256 stay within 0.013 px of a 170 px ellipse, so a
+            cell centre is inside the polygon exactly when ``truth_cells`` says it is inside.
+
+    Returns:
+        ``{"asap": path, "geojson": path}``.
+    """
+    import shapely
+
+    from histodetect.files import write_atomic
+    from histodetect.slides.annotation_writers import asap_xml_bytes, qupath_geojson_bytes
+
+    def ellipse(cx: float, cy: float, rx: float, ry: float):
+        t = np.linspace(0.0, 2 * np.pi, vertices, endpoint=False)
+        return shapely.Polygon(np.c_[cx + rx * np.cos(t), cy + ry * np.sin(t)])
+
+    tissue = shapely.union_all([ellipse(*e) for e in truth["tissue"]])
+    tumours = [ellipse(*e).intersection(tissue) for e in truth["tumours"]]
+    tumours = [t for t in tumours if not t.is_empty]
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    name = name or Path(truth["path"]).stem
+    paths = {"asap": folder / f"{name}.xml", "geojson": folder / f"{name}.geojson"}
+    write_atomic(paths["asap"], asap_xml_bytes(tumours, name="planted tumour"))
+    write_atomic(paths["geojson"], qupath_geojson_bytes(tumours, name="planted tumour"))
+    return paths

@@ -1,0 +1,186 @@
+"""Commands on a trained run: ``evaluate``, ``predict``, ``explain``, ``export`` and ``report``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from histodetect.cli.registry import command, say
+
+
+def _evaluate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    p.add_argument("--data", required=True, type=Path, help="Kaggle folder, PCam folder or store")
+    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
+    p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument(
+        "--calibrate",
+        action="store_true",
+        help="store the temperature fitted on valid in the run (used by predict)",
+    )
+
+
+@command("evaluate", _evaluate_args)
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    """Score a run: AUC and more with 95% bootstrap intervals, thresholds, ROC/PR, calibration.
+
+    Writes metrics_<split>.json and evaluation_<split>.png into the run folder. Thresholds
+    (Youden, 95% sensitivity) and the temperature are chosen on the validation split.
+    """
+    from histodetect.inference.evaluate import evaluate
+
+    ev = evaluate(args.run, args.data, args.split, args.tta, args.bootstrap, args.calibrate)
+    say(ev.summary())
+    say(
+        f"written: {args.run / f'metrics_{args.split}.json'}, "
+        f"{args.run / f'evaluation_{args.split}.png'}"
+    )
+    return 0
+
+
+def _predict_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("runs", type=Path, nargs="+", help="run folder(s); several = an ensemble")
+    p.add_argument(
+        "--data",
+        required=True,
+        type=Path,
+        help="Kaggle root (uses test/), a folder of patch files, or a packed store",
+    )
+    p.add_argument("--out", required=True, type=Path, help="CSV to write (id,label)")
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
+    p.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per run")
+    p.add_argument("--split", help="for a packed store: which split (default: test, else all)")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument(
+        "--skip-bad",
+        action="store_true",
+        help="predict the rest; unreadable patches get --fallback and are listed",
+    )
+    p.add_argument("--fallback", type=float, default=0.5, help="probability for bad patches")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+
+
+@command("predict", _predict_args)
+def cmd_predict(args: argparse.Namespace) -> int:
+    """Predict P(tumour) for every patch and write a Kaggle submission (id,label).
+
+    Rows follow sample_submission.csv when DATA has one (else sorted ids), exactly one per id.
+    Several runs are averaged (optionally weighted). The CSV is written atomically.
+    """
+    from histodetect.errors import BadInputError, describe_problems
+    from histodetect.files import write_problems_csv
+    from histodetect.inference.predictor import (
+        Predictor,
+        list_patches,
+        predict_patches,
+        write_submission,
+    )
+
+    patches = list_patches(args.data, args.split)
+    if patches.problems and not args.skip_bad:
+        raise BadInputError(
+            f"{args.data}: the test files and sample_submission.csv disagree "
+            f"({len(patches.problems)} problem(s)); fix them or pass --skip-bad:\n"
+            + describe_problems(list(patches.problems)),
+            list(patches.problems),
+        )
+    predictors = [Predictor.from_run(run, args.device) for run in args.runs]
+    probs, bad = predict_patches(
+        predictors, patches, args.tta, args.weights, args.batch_size, args.skip_bad, args.fallback
+    )
+    write_submission(args.out, patches.ids, probs)
+    problems = list(patches.problems) + bad
+    if problems:
+        listing = args.out.with_name(args.out.stem + ".problems.csv")
+        write_problems_csv(listing, problems)
+        say(
+            f"{len(problems)} problem(s) listed in {listing}; unreadable patches got "
+            f"probability {args.fallback}"
+        )
+    synthetic = any(p.meta.get("synthetic") for p in predictors)
+    say(
+        f"wrote {len(patches.ids)} predictions to {args.out} (TTA x{args.tta}, "
+        f"{len(predictors)} model(s))" + (" [model trained on SYNTHETIC DATA]" if synthetic else "")
+    )
+    return 0
+
+
+def _explain_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    what = p.add_mutually_exclusive_group(required=True)
+    what.add_argument("--data", type=Path, help="Kaggle folder, PCam folder or store: galleries")
+    what.add_argument("--image", type=Path, help="one patch file (.tif/.png/.jpg): one figure")
+    p.add_argument(
+        "--out", required=True, type=Path, help="folder (with --data) or PNG file (with --image)"
+    )
+    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument("--n", type=int, default=16, help="patches per gallery (default 16)")
+    p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
+
+
+@command("explain", _explain_args)
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Show where the model sees tumour: Grad-CAM of its worst and least certain patches.
+
+    With --data: predicts a split, picks the top losses (most confident mistakes) and the
+    patches closest to the threshold, and writes top_losses.png, uncertain.png and
+    explain.json into --out. With --image: one patch and its Grad-CAM overlay as one PNG.
+    """
+    if args.image is not None:
+        from histodetect.inference.explain import explain_image
+
+        prob = explain_image(args.run, args.image, args.out)
+        say(f"P(tumour) = {prob:.4f} for {args.image}; figure written to {args.out}")
+        return 0
+    from histodetect.inference.explain import explain_run
+
+    summary = explain_run(args.run, args.data, args.out, args.split, args.n, args.tta)
+    tag = " [SYNTHETIC DATA]" if summary["synthetic"] else ""
+    say(
+        f"{summary['misclassified']} of {summary['n_patches']} {args.split} patches "
+        f"misclassified at threshold {summary['threshold']:.2f}{tag}\nwritten: "
+        f"{args.out / 'top_losses.png'}, {args.out / 'uncertain.png'}, {args.out / 'explain.json'}"
+    )
+    return 0
+
+
+def _report_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    p.add_argument(
+        "--data", type=Path, help="the run's data: evaluate and explain first where not done yet"
+    )
+
+
+@command("report", _report_args)
+def cmd_report(args: argparse.Namespace) -> int:
+    """Write RUN/report.html: one offline page with data, curves, metrics, figures and Grad-CAM.
+
+    Everything is embedded (no network, no JavaScript): send the single file to a reviewer.
+    With --data, a run not yet evaluated is evaluated on its validation split, and one without
+    RUN/explain/ gets its Grad-CAM galleries first.
+    """
+    from histodetect.reports.html import build_report
+
+    say(f"report written to {build_report(args.run, args.data)}")
+    return 0
+
+
+def _export_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", type=Path, help="run folder")
+    p.add_argument("--format", default="onnx", choices=["onnx"], help="export format")
+    p.add_argument("--out", type=Path, help="file to write (default RUN/model.onnx)")
+    p.add_argument("--opset", type=int, default=17)
+
+
+@command("export", _export_args)
+def cmd_export(args: argparse.Namespace) -> int:
+    """Export a run's model to ONNX (uint8 patches in, probabilities out, dynamic batch).
+
+    The file is checked against PyTorch with onnxruntime before it is kept.
+    """
+    from histodetect.inference.export import export_onnx
+
+    path, diff = export_onnx(args.run, args.out, args.opset)
+    say(f"wrote {path} (max |ONNX - PyTorch| = {diff:.1e} on random patches)")
+    return 0

@@ -1,0 +1,192 @@
+"""Cell inference: P(tumour) of every tissue cell, patch-wise or densely, streamed by tiles."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from histodetect import PATCH_SIZE
+from histodetect.data.transforms import dihedral, to_model_input
+from histodetect.errors import HistodetectError
+from histodetect.inference.calibration import apply_temperature
+from histodetect.inference.predictor import Predictor
+from histodetect.models.dense import DENSE_ARCH, dense_capable, dense_logits, patch_feature_size
+
+TILE_CELLS = 32  # cells per inference tile side: 1088 px at stride 32, ~150 MB peak in dense mode
+
+
+def resolve_mode(predictor: Predictor, stride: int, mode: str) -> str:
+    """``auto`` → ``dense`` when the model is padding-free and the stride fits, else ``patch``."""
+    if mode not in ("auto", "dense", "patch"):
+        raise HistodetectError(f"--mode must be auto, dense or patch, got {mode!r}.")
+    if mode == "patch":
+        return mode
+    capable = dense_capable(predictor.model)
+    step = getattr(predictor.model.backbone, "dense_stride", 0)
+    fits = capable and stride % step == 0
+    if mode == "dense" and not fits:
+        why = (
+            f"the model ({predictor.meta.get('arch')}) has zero padding; train --arch "
+            f"{DENSE_ARCH} for dense maps"
+            if not capable
+            else f"--stride must be a multiple of {step} for dense mode"
+        )
+        raise HistodetectError(f"dense mode impossible: {why}, or use --mode patch.")
+    return "dense" if fits else "patch"
+
+
+@dataclass
+class InferenceStats:
+    """What the inference loop did."""
+
+    patches: int = 0
+    tiles: int = 0
+    tiles_skipped: int = 0
+    seconds: float = 0.0
+
+
+def predict_cells(
+    read: Callable[[int, int, int, int], np.ndarray],
+    tissue: np.ndarray,
+    predictor: Predictor,
+    stride: int,
+    *,
+    tta: int = 1,
+    mode: str = "patch",
+    batch_size: int = 256,
+    tile_cells: int = TILE_CELLS,
+    progress: bool = False,
+    desc: str = "slide",
+) -> tuple[np.ndarray, InferenceStats]:
+    """P(tumour) of every tissue cell, streaming tiles of ``tile_cells`` x ``tile_cells`` cells.
+
+    Each tile is read with the 96 px patch context around its cells (the next tiles are read
+    in a background thread while the model runs); tiles without tissue are never read. In
+    ``patch`` mode the tissue cells' 96 px patches go to ``predictor.predict_proba`` in
+    batches; in ``dense`` mode the whole tile goes through the padding-free model once.
+    Memory: a couple of tiles and one batch, whatever the slide's size.
+    """
+    from tqdm.auto import tqdm
+
+    if tta not in (1, 2, 4, 8):
+        raise HistodetectError(f"--tta must be one of (1, 2, 4, 8), got {tta}.")
+    rows, cols = tissue.shape
+    prob = np.zeros((rows, cols), np.float32)
+    stats = InferenceStats()
+    offset = stride // 2 - PATCH_SIZE // 2  # patch top-left of cell 0: centred on the cell
+    tiles = []
+    for r0 in range(0, rows, tile_cells):
+        for c0 in range(0, cols, tile_cells):
+            if tissue[r0 : r0 + tile_cells, c0 : c0 + tile_cells].any():
+                tiles.append((r0, c0))
+            else:
+                stats.tiles_skipped += 1
+    stats.tiles = len(tiles)
+
+    def load(tile: tuple[int, int]) -> np.ndarray:
+        r0, c0 = tile
+        r1, c1 = min(r0 + tile_cells, rows), min(c0 + tile_cells, cols)
+        w = (c1 - c0 - 1) * stride + PATCH_SIZE
+        h = (r1 - r0 - 1) * stride + PATCH_SIZE
+        return read(c0 * stride + offset, r0 * stride + offset, w, h)
+
+    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    n_pending = 0
+
+    def flush() -> None:
+        nonlocal n_pending
+        if not pending:
+            return
+        patches = np.concatenate([p for _, _, p in pending])
+        out = predictor.predict_proba(patches, tta, batch_size)
+        k = 0
+        for rr, cc, p in pending:
+            prob[rr, cc] = out[k : k + len(p)]
+            k += len(p)
+        pending.clear()
+        n_pending = 0
+
+    t0 = time.perf_counter()
+    bar = tqdm(total=int(tissue.sum()), unit="patch", desc=desc, disable=not progress)
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        ahead = [pool.submit(load, t) for t in tiles[:2]]
+        for i, (r0, c0) in enumerate(tiles):
+            pixels = ahead.pop(0).result()
+            if i + 2 < len(tiles):
+                ahead.append(pool.submit(load, tiles[i + 2]))
+            r1, c1 = min(r0 + tile_cells, rows), min(c0 + tile_cells, cols)
+            here = tissue[r0:r1, c0:c1]
+            rr, cc = np.nonzero(here)
+            if mode == "dense":
+                step = stride // predictor.model.backbone.dense_stride
+                out = dense_proba(predictor, pixels, tta, step)
+                prob[rr + r0, cc + c0] = out[rr, cc]
+            else:
+                from numpy.lib.stride_tricks import sliding_window_view
+
+                windows = sliding_window_view(pixels, (PATCH_SIZE, PATCH_SIZE), axis=(0, 1))
+                windows = windows[::stride, ::stride]  # (rows, cols, 3, 96, 96) views
+                patches = np.ascontiguousarray(windows[rr, cc].transpose(0, 2, 3, 1))
+                pending.append((rr + r0, cc + c0, patches))
+                n_pending += len(patches)
+                if n_pending >= batch_size:
+                    flush()
+            stats.patches += len(rr)
+            bar.update(len(rr))
+        flush()
+    bar.close()
+    stats.seconds = time.perf_counter() - t0
+    return prob, stats
+
+
+def _undo_dihedral(y: torch.Tensor, k: int) -> torch.Tensor:
+    """Inverse of ``augment.dihedral(., k)``: its three steps are involutions, undone in reverse."""
+    if k & 1:
+        y = y.flip(-1)
+    if k & 2:
+        y = y.flip(-2)
+    if k & 4:
+        y = y.transpose(-1, -2)
+    return y
+
+
+@torch.inference_mode()
+def dense_proba(predictor, tile: np.ndarray, tta: int = 1, step: int = 1) -> np.ndarray:
+    """P(tumour) of every patch in a uint8 RGB tile in one convolutional pass per TTA view.
+
+    Equal (to float rounding) to ``predictor.predict_proba`` on the tile's 96 px patches at
+    stride ``32 * step``, including the centre crop, dihedral TTA and temperature.
+
+    Args:
+        predictor: A ``histodetect.predict.Predictor`` whose model is dense-capable.
+        tile: (32 (n - 1) step + 96, ...) uint8 RGB pixels, patch windows at stride 32 step.
+        tta: 1, 2, 4 or 8 dihedral views of the whole tile, averaged as probabilities.
+        step: Keep every ``step``-th output (cell strides that are multiples of 32).
+
+    Returns:
+        (rows, cols) float32 probabilities.
+    """
+    margin = (96 - predictor.crop) // 2 if predictor.crop < 96 else 0
+    if margin:  # the model sees each patch's centre crop: the tile loses the same border
+        tile = tile[margin:-margin, margin:-margin]
+    # Readers may hand out read-only arrays; torch wants writable memory.
+    x = torch.from_numpy(np.require(tile, requirements=["C", "W"]))[None].to(predictor.device)
+    mean, std = predictor.meta["mean"], predictor.meta["std"]
+    x = to_model_input(x, mean, std, predictor.channels_last, crop=max(x.shape[1:3]))
+    k = getattr(predictor, "_dense_k", None)
+    if k is None:
+        k = predictor._dense_k = patch_feature_size(predictor.model, predictor.crop)
+    probs = None
+    for view in range(tta):
+        y = torch.sigmoid(dense_logits(predictor.model, dihedral(x, view), k).float())
+        y = _undo_dihedral(y, view)
+        probs = y if probs is None else probs + y
+    out = (probs[0] / tta)[::step, ::step].cpu().numpy()
+    if predictor.temperature != 1.0:  # calibrated by `evaluate --calibrate`, as predict_proba
+        out = apply_temperature(out, predictor.temperature)
+    return out.astype(np.float32)

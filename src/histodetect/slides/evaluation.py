@@ -1,0 +1,283 @@
+"""Score `histodetect slide` maps against annotations the Camelyon16 way: FROC, AUC, Dice."""
+
+from __future__ import annotations
+
+import csv
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from histodetect.errors import HistodetectError
+from histodetect.files import write_atomic
+from histodetect.slides import froc as lesion_froc
+from histodetect.slides.annotations import find_annotation, read_annotation, slide_stem
+from histodetect.slides.eval_results import LesionResult, SlideEvalResult, SlideResult, jsonable
+from histodetect.slides.shapes import Annotation, annotation_raster
+from histodetect.slides.slide_maps import SlideMap, find_slide_maps, load_slide_map
+
+DETECTIONS_DIR = "detections"  # one <slide>.csv each: a folder the challenge's script can take
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """Settings of the scoring; the defaults are the Camelyon16 challenge's."""
+
+    nms_radius_um: float = lesion_froc.NMS_RADIUS_UM
+    floor: float = lesion_froc.DETECTION_FLOOR
+    default_mpp: float = lesion_froc.CAMELYON16_MPP  # when summary.json has no level-0 mpp
+    pixel_um: float = lesion_froc.EVAL_PIXEL_UM
+    grow_um: float = lesion_froc.GROW_UM
+    itc_axis_um: float = lesion_froc.ITC_AXIS_UM
+    fp_rates: tuple[float, ...] = lesion_froc.FP_RATES
+    n_boot: int = 1000
+    seed: int = 0
+
+
+# ----------------------------------------------------------------------------- metrics
+
+
+def overlap(pred: np.ndarray, truth: np.ndarray) -> tuple[float | None, float | None]:
+    """(Dice, IoU) of two bool grids; (None, None) when both are empty (nothing to compare)."""
+    inter, union = int((pred & truth).sum()), int((pred | truth).sum())
+    if not union:
+        return None, None
+    return 2 * inter / (int(pred.sum()) + int(truth.sum())), inter / union
+
+
+def annotation_cells(annotation: Annotation | None, smap: SlideMap) -> np.ndarray:
+    """The map's cells whose centre lies in the annotated tumour (exclusions cut out)."""
+    if annotation is None:
+        return np.zeros(smap.prob.shape, bool)
+    return annotation_raster(annotation, smap.prob.shape, smap.cell)
+
+
+def read_reference(path: str | Path) -> dict[str, bool]:
+    """Slide truth from a Camelyon16-style reference CSV: ``slide,Tumor|Normal,...``, no header.
+
+    Returns:
+        ``{slide stem (lower case): is tumour}``.
+
+    Raises:
+        HistodetectError: for an unreadable file or a row whose second field is neither.
+    """
+    path = Path(path)
+    try:
+        rows = list(csv.reader(path.read_text(encoding="utf-8-sig").splitlines()))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise HistodetectError(f"{path}: cannot read the reference ({exc}).") from None
+    truth = {}
+    for n, row in enumerate(rows, start=1):
+        if not row or not row[0].strip():
+            continue
+        label = row[1].strip().lower() if len(row) > 1 else ""
+        if label not in ("tumor", "tumour", "normal"):
+            if n == 1:
+                continue  # a header line
+            raise HistodetectError(
+                f"{path}: line {n} is {','.join(row)!r}; each line must be "
+                "'slide,Tumor|Normal,...' (the Camelyon16 reference.csv format)."
+            )
+        truth[slide_stem(row[0].strip()).lower()] = label != "normal"
+    if not truth:
+        raise HistodetectError(f"{path}: no 'slide,Tumor|Normal' rows.")
+    return truth
+
+
+def slide_auc(
+    truth: list[bool], scores: list[float], *, n_boot: int = 1000, seed: int = 0
+) -> dict | None:
+    """Slide-level ROC AUC with a percentile-bootstrap 95% interval (None with one class).
+
+    The interval is ``histodetect.inference.evaluate.bootstrap_intervals`` (resampling
+    slides), the project's one bootstrap.
+    """
+    from histodetect.inference.evaluate import bootstrap_intervals, point_metrics
+
+    y, p = np.asarray(truth, np.int64), np.asarray(scores, np.float64)
+    if len(np.unique(y)) < 2:
+        return None
+    ci = bootstrap_intervals(y, p, 0.5, n_boot=n_boot, seed=seed).get("auc")
+    return {
+        "auc": point_metrics(y, p)["auc"],
+        "ci95": list(ci) if ci else None,
+        "n_tumour": int(y.sum()),
+        "n_normal": int(len(y) - y.sum()),
+        "n_boot": n_boot,
+    }
+
+
+# ----------------------------------------------------------------------------- orchestration
+
+
+def _mean(values: list[float | None]) -> float | None:
+    kept = [v for v in values if v is not None]
+    return float(np.mean(kept)) if kept else None
+
+
+def evaluate_slides(
+    maps_dir: str | Path,
+    annotations_dir: str | Path | None,
+    reference: str | Path | None = None,
+    out: str | Path | None = None,
+    *,
+    options: EvalOptions = EvalOptions(),
+) -> SlideEvalResult:
+    """Score every slide folder of a `histodetect slide` output against annotations.
+
+    Per slide: detections (``froc.find_detections`` on ``prob.npy``, cells at their
+    level-0 centres), written to ``OUT/detections/<slide>.csv`` in the challenge's format;
+    the annotation (``find_annotation`` by the slide's stem) turned into evaluation lesions;
+    hits; and Dice/IoU of the map's tumour cells (``prob >= threshold`` on tissue) against the
+    annotation drawn on the same cells. Then the FROC over all slides, and the slide-level
+    AUC of the ``summary.json`` scores, truth = has annotated tumour, or the ``reference``.
+    A slide the reference calls tumour but without an annotation cannot be scored for
+    lesions: it is left out of the FROC (noted) and kept for the AUC.
+
+    Args:
+        maps_dir: The ``--out`` folder of `histodetect slide` (or one slide's folder).
+        annotations_dir: Folder with the annotation files (None: every slide is normal).
+        reference: Optional CSV ``slide,Tumor|Normal,...`` (Camelyon16's reference.csv).
+        out: Where ``slide-eval.json``, ``froc.png`` and ``detections/`` go (default
+            ``maps_dir``); CSVs in ``detections/`` of slides not scored now are removed.
+        options: Scoring settings.
+
+    Raises:
+        HistodetectError: no maps, or an unreadable map, annotation or reference file.
+    """
+    maps_dir = Path(maps_dir)
+    out = Path(out) if out is not None else maps_dir
+    truth_ref = read_reference(reference) if reference is not None else None
+    folders = find_slide_maps(maps_dir)
+    (out / DETECTIONS_DIR).mkdir(parents=True, exist_ok=True)
+    slides, lesions, hits, notes, stems, dice_iou = [], [], [], [], [], []
+    auc_truth, auc_scores, synthetic = [], [], False
+    for folder in folders:
+        smap = load_slide_map(folder)
+        stems.append(smap.stem.lower())
+        synthetic |= smap.synthetic
+        slide_notes: list[str] = []
+        mpp = smap.mpp
+        if mpp is None:
+            mpp = options.default_mpp
+            slide_notes.append(f"level-0 resolution unknown: {mpp} µm/px assumed.")
+        path = find_annotation(annotations_dir, smap.stem) if annotations_dir else None
+        ann = read_annotation(path, slide_size=smap.size) if path else None
+        if ann is not None:
+            slide_notes.extend(ann.notes)
+        has_tumour = ann is not None and ann.has_tumour
+        tumour: bool | None = has_tumour
+        if truth_ref is not None:
+            tumour = truth_ref.get(smap.stem.lower())
+            if tumour is None:
+                slide_notes.append("not in the reference: left out of the slide AUC.")
+            elif tumour != has_tumour:
+                slide_notes.append(
+                    f"the reference says {'tumour' if tumour else 'normal'} but the "
+                    f"annotation {'has' if has_tumour else 'has no'} tumour."
+                )
+        in_froc = not (tumour and ann is None)
+        if not in_froc:
+            slide_notes.append("tumour slide without annotation: left out of the FROC.")
+        dets = lesion_froc.find_detections(
+            smap.prob,
+            smap.cell,
+            mpp=mpp,
+            radius_um=options.nms_radius_um,
+            floor=options.floor,
+            tissue=smap.tissue,
+        )
+        write_atomic(
+            out / DETECTIONS_DIR / f"{smap.name}.csv", lesion_froc.detections_csv_bytes(dets)
+        )
+        lmap = lesion_froc.lesion_map(
+            ann,
+            mpp=mpp,
+            slide_size=smap.size,
+            pixel_um=options.pixel_um,
+            grow_um=options.grow_um,
+            itc_axis_um=options.itc_axis_um,
+        )
+        hit = lesion_froc.score_detections(dets, lmap)
+        if in_froc:
+            hits.append(hit)
+        best_any: dict[int, float] = {}  # ITCs too, for the lesion table
+        for det, lab in zip(dets, hit.labels, strict=True):
+            if lab:
+                best_any[lab] = max(best_any.get(lab, -1.0), det.confidence)
+        for les in lmap.lesions:
+            lesions.append(
+                LesionResult(
+                    slide=smap.name,
+                    **asdict(les),
+                    detected=les.label in best_any,
+                    best_score=best_any.get(les.label),
+                )
+            )
+        pred = smap.tissue & (smap.prob >= smap.threshold)
+        dice, iou = overlap(pred, annotation_cells(ann, smap))
+        if has_tumour:
+            dice_iou.append((dice, iou))
+        slides.append(
+            SlideResult(
+                name=smap.name,
+                tumour=tumour,
+                score=smap.score,
+                annotation=str(path) if path else None,
+                n_detections=len(dets),
+                n_lesions=lmap.n_lesions,
+                lesions_detected=len(hit.best),
+                n_itc=sum(les.itc for les in lmap.lesions),
+                false_positives=len(hit.fp),
+                dice=dice,
+                iou=iou,
+                in_froc=in_froc,
+                notes=slide_notes,
+            )
+        )
+        if tumour is not None:
+            auc_truth.append(tumour)
+            auc_scores.append(smap.score)
+    if truth_ref is not None:
+        missing = sorted(set(truth_ref) - set(stems))
+        if missing:
+            notes.append(
+                f"{len(missing)} reference slide(s) have no map: {', '.join(missing[:10])}"
+            )
+    # CSVs of slides scored by an earlier run but not this one would be scored by the
+    # challenge's script too (it takes every .csv of the folder): remove them.
+    names = {f"{s.name}.csv" for s in slides}
+    for stale in (out / DETECTIONS_DIR).glob("*.csv"):
+        if stale.name not in names:
+            stale.unlink()
+    curve = lesion_froc.froc(hits, options.fp_rates)
+    result = SlideEvalResult(
+        slides=slides,
+        lesions=lesions,
+        froc=curve,
+        auc=slide_auc(auc_truth, auc_scores, n_boot=options.n_boot, seed=options.seed),
+        mean_dice=_mean([d for d, _ in dice_iou]),
+        mean_iou=_mean([i for _, i in dice_iou]),
+        settings={
+            **asdict(options),
+            "maps": str(maps_dir),
+            "annotations": str(annotations_dir) if annotations_dir else None,
+            "reference": str(reference) if reference else None,
+        },
+        synthetic=synthetic,
+        notes=notes,
+    )
+    result.outputs = {
+        "json": str(out / "slide-eval.json"),
+        "detections": str(out / DETECTIONS_DIR),
+    }
+    if curve is not None:
+        from histodetect.slides.froc_plot import froc_png
+
+        note = "SYNTHETIC: says nothing about real slides" if synthetic else ""
+        write_atomic(out / "froc.png", froc_png(curve, maps_dir.name, note))
+        result.outputs["froc_png"] = str(out / "froc.png")
+    doc = jsonable(result.to_dict())
+    write_atomic(out / "slide-eval.json", json.dumps(doc, indent=2, allow_nan=False).encode())
+    return result

@@ -42,15 +42,35 @@ RESULTS = Path(__file__).resolve().parent / "results"
 def untrained_run(run: Path, arch: str | None = None, synthetic: bool = False) -> Path:
     """Export an untrained model (default architecture unless ``arch``) as a run folder.
 
-    Enough for speed and memory measurements, which do not depend on the weights.
+    Enough for speed and memory measurements, which do not depend on the weights. Its batch
+    norms measure their statistics on 256 SYNTHETIC patches first: with the initial ones a
+    fresh network outputs the same value everywhere, which would make comparing maps vacuous.
     """
+    import numpy as np
+    import torch
+
     from histodetect.config import RunConfig, merge, to_dict
+    from histodetect.data.synth import render_patch
+    from histodetect.data.transforms import to_model_input
     from histodetect.training.module import PatchModule
     from histodetect.training.run_folder import export_model
 
     cfg = merge(RunConfig(), {"model": {"arch": arch}}) if arch else RunConfig()
     run.mkdir(parents=True, exist_ok=True)
-    export_model(PatchModule(to_dict(cfg)), run, {"synthetic": synthetic})
+    module = PatchModule(to_dict(cfg))
+    rng = np.random.default_rng(0)
+    patches = torch.from_numpy(np.stack([render_patch(rng, i % 2)[0] for i in range(256)]))
+    x = to_model_input(patches, cfg.data.mean, cfg.data.std, False)
+    for norm in module.modules():
+        if isinstance(norm, torch.nn.BatchNorm2d):
+            norm.reset_running_stats()
+            norm.momentum = None  # a plain average over the batches below
+    module.model.train()
+    with torch.no_grad():
+        for batch in x.split(64):
+            module.model(batch)
+    module.model.eval()
+    export_model(module, run, {"synthetic": synthetic})
     return run
 
 

@@ -242,7 +242,7 @@ def main() -> None:
     print(f"  colour-histogram LR     {colour:.4f}")
     print(f"  plain 4-block CNN       {plain:.4f}")
     print(
-        f"  histodetect default     {ours:.4f}  (TTA x8: {tta:.4f}; target >= 0.95, "
+        f"  histodetect {recipes[0]['arch']:<11s} {ours:.4f}  (TTA x8: {tta:.4f}; target >= 0.95, "
         f"beats both: {ours > colour and (plain != plain or ours > plain)})"
     )
     for r in recipes[1:]:

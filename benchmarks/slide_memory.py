@@ -21,6 +21,7 @@ from pathlib import Path
 
 from common import save_results, untrained_run
 
+from histodetect.models.dense import DENSE_ARCH
 from histodetect.slides.synthetic import write_synthetic_slide
 
 
@@ -34,7 +35,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = args.keep or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        run = untrained_run(work / "run", "smallfcn", synthetic=True)
+        run = untrained_run(work / "run", DENSE_ARCH, synthetic=True)
         slide = work / f"synthetic-{n}.tif"
         # Two sections covering about a quarter of the glass, as on many real slides.
         tissue = [

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from histodetect.cli.registry import command, say
 from histodetect.errors import HistodetectError
+from histodetect.slides.tissue import DEFAULT_MIN_TISSUE
 
 
 def _slide_args(p: argparse.ArgumentParser) -> None:
@@ -26,10 +27,15 @@ def _slide_args(p: argparse.ArgumentParser) -> None:
         "--mode",
         default="auto",
         choices=["auto", "dense", "patch"],
-        help="dense: one pass per tile (padding-free models, e.g. smallfcn); auto picks it",
+        help="dense: one pass per tile (padding-free models, e.g. densecnn); auto picks it",
     )
     p.add_argument("--threshold", type=float, help="region threshold (default: the run's)")
-    p.add_argument("--min-tissue", type=float, default=0.25, help="tissue share to map a cell")
+    p.add_argument(
+        "--min-tissue",
+        type=float,
+        default=DEFAULT_MIN_TISSUE,
+        help=f"tissue share of a cell's 96 px window to map it (default {DEFAULT_MIN_TISSUE})",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     p.add_argument("--redo", action="store_true", help="redo slides the manifest lists as done")
@@ -42,7 +48,8 @@ def cmd_slide(args: argparse.Namespace) -> int:
 
     Reads OpenSlide formats (.svs, .ndpi, .mrxs, tiled .tif ...), plain or pyramidal TIFF and
     PNG/JPEG; analyses the level nearest the model's 0.972 µm/px (resampling when none is
-    close); sends only tissue (saturation/Otsu on a thumbnail) to the model, tile by tile in
+    close); sends only tissue to the model (optical density off the slide's own glass colour on a
+    thumbnail, ink, dust and borders rejected, windows out of focus skipped), tile by tile in
     bounded memory; --mode dense computes each tile in one pass (padding-free models). Each
     slide gets OUT/<name>/: prob.npy, prob.png (16-bit), tissue.png, overlay.png,
     regions.geojson (QuPath, level-0 px), regions.csv and summary.json. Many slides: every

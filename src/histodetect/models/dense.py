@@ -69,41 +69,48 @@ def _conv(c_in: int, c_out: int, kernel: int) -> list[nn.Module]:
 
 
 class DenseCNN(nn.Module):
-    """The default model: as strong as a padded CNN of its size, yet exact in dense slide maps.
+    """Our padding-free CNN for exact dense slide maps, the size and speed of ``smallcnn``.
 
-    A padding-free network that maps a 96 px patch to one output at stride 32 can spend only
-    64 px of border on its 3x3 convolutions, and a 3x3 layer at 1/s resolution spends 2s px.
-    So the 3x3 layers sit where border is cheap: one at full resolution, three at 1/2, two at
-    1/4 and two at 1/8 (2 + 12 + 16 + 32 = 62 px). Capacity comes from width (up to 256) and a
-    1x1 layer at 1/32, which mixes features without spending border. Eight 3x3 layers, about
-    the cost and parameter count of ``smallcnn`` (1.2M); the receptive field is the whole patch.
-    Without padding every output depends only on the pixels under it, so a tile of
-    ``32 n + 64`` px yields exactly the n x n outputs of its n x n patches (``dense_logits``).
+    A padding-free network spends border on every 3x3 layer (2s px at 1/s resolution), and
+    all its border must fit in the 96 px patch. Here each resolution from 1 to 1/8 gets one
+    3x3 layer (2 + 4 + 8 + 16 = 30 px of border) and a 96 px patch ends as a 2x2 feature
+    map at 1/32, averaged like a global pool (as ``smallcnn`` averages its 3x3 map): each
+    feature sees 62 px, the two rows together the whole patch. Capacity comes from width
+    and from 1x1 layers after each 3x3, which mix features without spending border. Without
+    padding every output depends only on the pixels under it, so a tile of ``32 n + 64`` px
+    yields exactly the n x n outputs of its patches (``dense_logits`` averages 2x2 windows).
     """
 
     dense_stride = 32
     min_input = 94
-    # 3x3 widths at resolutions 1, 1/2, 1/4, 1/8, 1/16 (a 2x2 max-pool after each), then 1x1.
-    scales: tuple[tuple[int, ...], ...] = ((32,), (32, 32, 64), (128, 128), (256, 256), ())
+    # (kernel, width) layers at resolutions 1, 1/2, 1/4, 1/8, 1/16, a 2x2 max-pool after
+    # each, then 1x1 layers at 1/32.
+    scales: tuple[tuple[tuple[int, int], ...], ...] = (
+        ((3, 32),),
+        ((3, 64), (1, 64)),
+        ((3, 128), (1, 128)),
+        ((3, 256), (1, 256)),
+        ((1, 256),),
+    )
     mix: tuple[int, ...] = (256,)
 
     def __init__(self) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = 3
-        for widths in self.scales:
-            for w in widths:
-                layers += _conv(c, w, 3)
-                c = w
+        for scale in self.scales:
+            for kernel, width in scale:
+                layers += _conv(c, width, kernel)
+                c = width
             layers.append(nn.MaxPool2d(2))
-        for w in self.mix:
-            layers += _conv(c, w, 1)
-            c = w
+        for width in self.mix:
+            layers += _conv(c, width, 1)
+            c = width
         self.features = nn.Sequential(*layers)
         self.num_features = c
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        """Feature maps before pooling: 1x1 for a 96 px patch, n x n for a 32n+64 px tile."""
+        """Feature maps before pooling: 2x2 for a 96 px patch, n+1 x n+1 for a 32n+64 tile."""
         if min(x.shape[-2:]) < self.min_input:
             raise HistodetectError(
                 f"densecnn needs inputs of at least {self.min_input} px, got "

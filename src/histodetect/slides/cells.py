@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from numpy.lib.stride_tricks import sliding_window_view
 
 from histodetect import PATCH_SIZE
 from histodetect.data.transforms import dihedral, to_model_input
@@ -16,6 +17,7 @@ from histodetect.errors import HistodetectError
 from histodetect.inference.calibration import apply_temperature
 from histodetect.inference.predictor import Predictor
 from histodetect.models.dense import DENSE_ARCH, dense_capable, dense_logits, patch_feature_size
+from histodetect.slides.tissue import in_focus
 
 TILE_CELLS = 32  # cells per inference tile side: 1088 px at stride 32, ~150 MB peak in dense mode
 
@@ -47,7 +49,62 @@ class InferenceStats:
     patches: int = 0
     tiles: int = 0
     tiles_skipped: int = 0
+    out_of_focus: int = 0  # tissue cells left out because their window is blurred
     seconds: float = 0.0
+
+
+def _tiles_with_tissue(
+    tissue: np.ndarray, tile_cells: int, stats: InferenceStats
+) -> list[tuple[int, int]]:
+    """Top-left cells of the tiles that hold tissue; the others are counted and never read."""
+    rows, cols = tissue.shape
+    tiles = []
+    for r0 in range(0, rows, tile_cells):
+        for c0 in range(0, cols, tile_cells):
+            if tissue[r0 : r0 + tile_cells, c0 : c0 + tile_cells].any():
+                tiles.append((r0, c0))
+            else:
+                stats.tiles_skipped += 1
+    stats.tiles = len(tiles)
+    return tiles
+
+
+def _prefetched(load: Callable, tiles: list, ahead: int = 2):
+    """Yield ``(tile, load(tile))`` in order, reading the next tiles in a background thread."""
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        queue = [pool.submit(load, t) for t in tiles[:ahead]]
+        for i, tile in enumerate(tiles):
+            pixels = queue.pop(0).result()
+            if i + ahead < len(tiles):
+                queue.append(pool.submit(load, tiles[i + ahead]))
+            yield tile, pixels
+
+
+class _PatchBatches:
+    """Patch-wise inference: tissue windows gathered across tiles into full batches."""
+
+    def __init__(self, predictor: Predictor, prob: np.ndarray, tta: int, batch_size: int):
+        self.predictor, self.prob, self.tta, self.batch_size = predictor, prob, tta, batch_size
+        self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        self.count = 0
+
+    def add(self, rr: np.ndarray, cc: np.ndarray, patches: np.ndarray) -> None:
+        self.pending.append((rr, cc, patches))
+        self.count += len(patches)
+        if self.count >= self.batch_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        patches = np.concatenate([p for _, _, p in self.pending])
+        out = self.predictor.predict_proba(patches, self.tta, self.batch_size)
+        k = 0
+        for rr, cc, p in self.pending:
+            self.prob[rr, cc] = out[k : k + len(p)]
+            k += len(p)
+        self.pending.clear()
+        self.count = 0
 
 
 def predict_cells(
@@ -62,14 +119,19 @@ def predict_cells(
     tile_cells: int = TILE_CELLS,
     progress: bool = False,
     desc: str = "slide",
-) -> tuple[np.ndarray, InferenceStats]:
+) -> tuple[np.ndarray, np.ndarray, InferenceStats]:
     """P(tumour) of every tissue cell, streaming tiles of ``tile_cells`` x ``tile_cells`` cells.
 
     Each tile is read with the 96 px patch context around its cells (the next tiles are read
-    in a background thread while the model runs); tiles without tissue are never read. In
+    in a background thread while the model runs); tiles without tissue are never read. Tissue
+    cells whose window is out of focus (``tissue.in_focus``) are left out and counted. In
     ``patch`` mode the tissue cells' 96 px patches go to ``predictor.predict_proba`` in
     batches; in ``dense`` mode the whole tile goes through the padding-free model once.
     Memory: a couple of tiles and one batch, whatever the slide's size.
+
+    Returns:
+        ``(prob, analysed, stats)``: P(tumour) per cell (0 where not analysed), the cells the
+        model saw (``tissue`` less the blurred ones), and what the loop did.
     """
     from tqdm.auto import tqdm
 
@@ -77,16 +139,10 @@ def predict_cells(
         raise HistodetectError(f"--tta must be one of (1, 2, 4, 8), got {tta}.")
     rows, cols = tissue.shape
     prob = np.zeros((rows, cols), np.float32)
+    analysed = tissue.copy()
     stats = InferenceStats()
     offset = stride // 2 - PATCH_SIZE // 2  # patch top-left of cell 0: centred on the cell
-    tiles = []
-    for r0 in range(0, rows, tile_cells):
-        for c0 in range(0, cols, tile_cells):
-            if tissue[r0 : r0 + tile_cells, c0 : c0 + tile_cells].any():
-                tiles.append((r0, c0))
-            else:
-                stats.tiles_skipped += 1
-    stats.tiles = len(tiles)
+    tiles = _tiles_with_tissue(tissue, tile_cells, stats)
 
     def load(tile: tuple[int, int]) -> np.ndarray:
         r0, c0 = tile
@@ -95,53 +151,30 @@ def predict_cells(
         h = (r1 - r0 - 1) * stride + PATCH_SIZE
         return read(c0 * stride + offset, r0 * stride + offset, w, h)
 
-    pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
-    n_pending = 0
-
-    def flush() -> None:
-        nonlocal n_pending
-        if not pending:
-            return
-        patches = np.concatenate([p for _, _, p in pending])
-        out = predictor.predict_proba(patches, tta, batch_size)
-        k = 0
-        for rr, cc, p in pending:
-            prob[rr, cc] = out[k : k + len(p)]
-            k += len(p)
-        pending.clear()
-        n_pending = 0
-
+    batches = _PatchBatches(predictor, prob, tta, batch_size)
     t0 = time.perf_counter()
     bar = tqdm(total=int(tissue.sum()), unit="patch", desc=desc, disable=not progress)
-    with ThreadPoolExecutor(max_workers=1) as pool:
-        ahead = [pool.submit(load, t) for t in tiles[:2]]
-        for i, (r0, c0) in enumerate(tiles):
-            pixels = ahead.pop(0).result()
-            if i + 2 < len(tiles):
-                ahead.append(pool.submit(load, tiles[i + 2]))
-            r1, c1 = min(r0 + tile_cells, rows), min(c0 + tile_cells, cols)
-            here = tissue[r0:r1, c0:c1]
-            rr, cc = np.nonzero(here)
-            if mode == "dense":
-                step = stride // predictor.model.backbone.dense_stride
-                out = dense_proba(predictor, pixels, tta, step)
-                prob[rr + r0, cc + c0] = out[rr, cc]
-            else:
-                from numpy.lib.stride_tricks import sliding_window_view
-
-                windows = sliding_window_view(pixels, (PATCH_SIZE, PATCH_SIZE), axis=(0, 1))
-                windows = windows[::stride, ::stride]  # (rows, cols, 3, 96, 96) views
-                patches = np.ascontiguousarray(windows[rr, cc].transpose(0, 2, 3, 1))
-                pending.append((rr + r0, cc + c0, patches))
-                n_pending += len(patches)
-                if n_pending >= batch_size:
-                    flush()
-            stats.patches += len(rr)
-            bar.update(len(rr))
-        flush()
+    for (r0, c0), pixels in _prefetched(load, tiles):
+        here = analysed[r0 : r0 + tile_cells, c0 : c0 + tile_cells]  # a view: updated in place
+        blurred = here & ~in_focus(pixels, here.shape, stride)
+        here &= ~blurred
+        stats.out_of_focus += int(blurred.sum())
+        rr, cc = np.nonzero(here)
+        if mode == "dense":
+            step = stride // predictor.model.backbone.dense_stride
+            out = dense_proba(predictor, pixels, tta, step)
+            prob[rr + r0, cc + c0] = out[rr, cc]
+        else:
+            windows = sliding_window_view(pixels, (PATCH_SIZE, PATCH_SIZE), axis=(0, 1))
+            windows = windows[::stride, ::stride]  # (rows, cols, 3, 96, 96) views
+            patches = np.ascontiguousarray(windows[rr, cc].transpose(0, 2, 3, 1))
+            batches.add(rr + r0, cc + c0, patches)
+        stats.patches += len(rr)
+        bar.update(len(rr) + int(blurred.sum()))
+    batches.flush()
     bar.close()
     stats.seconds = time.perf_counter() - t0
-    return prob, stats
+    return prob, analysed, stats
 
 
 def _undo_dihedral(y: torch.Tensor, k: int) -> torch.Tensor:

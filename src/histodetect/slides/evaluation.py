@@ -108,12 +108,223 @@ def slide_auc(
     }
 
 
-# ----------------------------------------------------------------------------- orchestration
+# ----------------------------------------------------------------------------- one slide
+
+
+@dataclass
+class _ScoredSlide:
+    """One slide's share of the evaluation, kept until every slide is pooled.
+
+    The map itself is not kept: prob arrays of many large slides would not fit together.
+    """
+
+    slide: SlideResult
+    lesions: list[LesionResult]
+    hits: lesion_froc.SlideHits
+    stem: str  # lower case, to match reference rows
+    synthetic: bool
+    annotated: bool  # has annotated tumour: its Dice/IoU enter the means
+
+
+def _level0_mpp(smap: SlideMap, options: EvalOptions, notes: list[str]) -> float:
+    """The map's level-0 µm/px, or the assumed default (noted): lesion sizes need one."""
+    if smap.mpp is not None:
+        return smap.mpp
+    notes.append(f"level-0 resolution unknown: {options.default_mpp} µm/px assumed.")
+    return options.default_mpp
+
+
+def _slide_truth(
+    stem: str,
+    has_tumour: bool,
+    has_annotation: bool,
+    reference: dict[str, bool] | None,
+    notes: list[str],
+) -> tuple[bool | None, bool]:
+    """(truth for the slide AUC, whether the slide enters the FROC).
+
+    The truth is the annotation's unless a reference is given (None: not in it). A tumour
+    slide without an annotation has no lesions to find, so it cannot be scored for them.
+    """
+    tumour: bool | None = has_tumour
+    if reference is not None:
+        tumour = reference.get(stem.lower())
+        if tumour is None:
+            notes.append("not in the reference: left out of the slide AUC.")
+        elif tumour != has_tumour:
+            notes.append(
+                f"the reference says {'tumour' if tumour else 'normal'} but the "
+                f"annotation {'has' if has_tumour else 'has no'} tumour."
+            )
+    in_froc = not (tumour and not has_annotation)
+    if not in_froc:
+        notes.append("tumour slide without annotation: left out of the FROC.")
+    return tumour, in_froc
+
+
+def _detections(
+    smap: SlideMap, mpp: float, options: EvalOptions, detections_dir: Path
+) -> list[lesion_froc.Detection]:
+    """The map's local maxima (NMS), also written as ``<slide>.csv`` in the challenge's
+    format so that its official script can score them too."""
+    dets = lesion_froc.find_detections(
+        smap.prob,
+        smap.cell,
+        mpp=mpp,
+        radius_um=options.nms_radius_um,
+        floor=options.floor,
+        tissue=smap.tissue,
+    )
+    write_atomic(detections_dir / f"{smap.name}.csv", lesion_froc.detections_csv_bytes(dets))
+    return dets
+
+
+def _lesion_results(
+    name: str,
+    lmap: lesion_froc.LesionMap,
+    dets: list[lesion_froc.Detection],
+    hit: lesion_froc.SlideHits,
+) -> list[LesionResult]:
+    """The lesion table of a slide: every lesion, ITCs too, with its best hit if any.
+
+    ``hit.best`` leaves ITCs out (they do not count for the FROC); the table shows them.
+    """
+    best_any: dict[int, float] = {}
+    for det, lab in zip(dets, hit.labels, strict=True):
+        if lab:
+            best_any[lab] = max(best_any.get(lab, -1.0), det.confidence)
+    return [
+        LesionResult(
+            slide=name,
+            **asdict(les),
+            detected=les.label in best_any,
+            best_score=best_any.get(les.label),
+        )
+        for les in lmap.lesions
+    ]
+
+
+def _score_slide(
+    smap: SlideMap,
+    annotations_dir: str | Path | None,
+    reference: dict[str, bool] | None,
+    detections_dir: Path,
+    options: EvalOptions,
+) -> _ScoredSlide:
+    """Score one slide map: truth, detections (written as CSV), lesions, hits, Dice/IoU.
+
+    Args:
+        smap: The slide's map (``load_slide_map``).
+        annotations_dir: Where its annotation is looked up by stem (None: none).
+        reference: ``read_reference``'s truth, or None to follow the annotation.
+        detections_dir: Where ``<slide>.csv`` goes, in the challenge's format.
+        options: Scoring settings.
+    """
+    notes: list[str] = []
+    mpp = _level0_mpp(smap, options, notes)
+    path = find_annotation(annotations_dir, smap.stem) if annotations_dir else None
+    ann = read_annotation(path, slide_size=smap.size) if path else None
+    if ann is not None:
+        notes.extend(ann.notes)
+    has_tumour = ann is not None and ann.has_tumour
+    tumour, in_froc = _slide_truth(smap.stem, has_tumour, ann is not None, reference, notes)
+    dets = _detections(smap, mpp, options, detections_dir)
+    lmap = lesion_froc.lesion_map(
+        ann,
+        mpp=mpp,
+        slide_size=smap.size,
+        pixel_um=options.pixel_um,
+        grow_um=options.grow_um,
+        itc_axis_um=options.itc_axis_um,
+    )
+    hit = lesion_froc.score_detections(dets, lmap)
+    pred = smap.tissue & (smap.prob >= smap.threshold)
+    dice, iou = overlap(pred, annotation_cells(ann, smap))
+    slide = SlideResult(
+        name=smap.name,
+        tumour=tumour,
+        score=smap.score,
+        annotation=str(path) if path else None,
+        n_detections=len(dets),
+        n_lesions=lmap.n_lesions,
+        lesions_detected=len(hit.best),
+        n_itc=sum(les.itc for les in lmap.lesions),
+        false_positives=len(hit.fp),
+        dice=dice,
+        iou=iou,
+        in_froc=in_froc,
+        notes=notes,
+    )
+    lesions = _lesion_results(smap.name, lmap, dets, hit)
+    return _ScoredSlide(slide, lesions, hit, smap.stem.lower(), smap.synthetic, has_tumour)
+
+
+# ----------------------------------------------------------------------------- all slides
 
 
 def _mean(values: list[float | None]) -> float | None:
     kept = [v for v in values if v is not None]
     return float(np.mean(kept)) if kept else None
+
+
+def _missing_from_maps(reference: dict[str, bool] | None, scored: list[_ScoredSlide]) -> list[str]:
+    """A note naming the reference's slides that have no map (they cannot be scored)."""
+    if reference is None:
+        return []
+    missing = sorted(set(reference) - {s.stem for s in scored})
+    if not missing:
+        return []
+    return [f"{len(missing)} reference slide(s) have no map: {', '.join(missing[:10])}"]
+
+
+def _remove_stale_detections(detections_dir: Path, scored: list[_ScoredSlide]) -> None:
+    """Delete CSVs of slides scored by an earlier run but not this one: the challenge's
+    script takes every .csv of the folder, so it would score them too."""
+    names = {f"{s.slide.name}.csv" for s in scored}
+    for stale in detections_dir.glob("*.csv"):
+        if stale.name not in names:
+            stale.unlink()
+
+
+def _pool(scored: list[_ScoredSlide], options: EvalOptions) -> SlideEvalResult:
+    """The figures over all slides: FROC of those in it, slide AUC, mean Dice/IoU."""
+    slides = [s.slide for s in scored]
+    curve = lesion_froc.froc([s.hits for s in scored if s.slide.in_froc], options.fp_rates)
+    judged = [s for s in slides if s.tumour is not None]  # the reference may leave some out
+    # A normal slide's Dice is 0 (anything flagged) or undefined: it would measure false
+    # alarms, not overlap, so only slides with annotated tumour enter the means.
+    annotated = [s.slide for s in scored if s.annotated]
+    return SlideEvalResult(
+        slides=slides,
+        lesions=[les for s in scored for les in s.lesions],
+        froc=curve,
+        auc=slide_auc(
+            [s.tumour for s in judged],
+            [s.score for s in judged],
+            n_boot=options.n_boot,
+            seed=options.seed,
+        ),
+        mean_dice=_mean([s.dice for s in annotated]),
+        mean_iou=_mean([s.iou for s in annotated]),
+        settings=asdict(options),
+        synthetic=any(s.synthetic for s in scored),
+    )
+
+
+def _write_outputs(result: SlideEvalResult, out: Path, title: str) -> None:
+    """``slide-eval.json`` and (when there is a curve) ``froc.png``; fills ``result.outputs``."""
+    result.outputs = {
+        "json": str(out / "slide-eval.json"),
+        "detections": str(out / DETECTIONS_DIR),
+    }
+    if result.froc is not None:
+        from histodetect.slides.froc_plot import froc_png
+
+        note = "SYNTHETIC: says nothing about real slides" if result.synthetic else ""
+        write_atomic(out / "froc.png", froc_png(result.froc, title, note))
+        result.outputs["froc_png"] = str(out / "froc.png")
+    doc = jsonable(result.to_dict())
+    write_atomic(out / "slide-eval.json", json.dumps(doc, indent=2, allow_nan=False).encode())
 
 
 def evaluate_slides(
@@ -126,14 +337,14 @@ def evaluate_slides(
 ) -> SlideEvalResult:
     """Score every slide folder of a `histodetect slide` output against annotations.
 
-    Per slide: detections (``froc.find_detections`` on ``prob.npy``, cells at their
-    level-0 centres), written to ``OUT/detections/<slide>.csv`` in the challenge's format;
-    the annotation (``find_annotation`` by the slide's stem) turned into evaluation lesions;
-    hits; and Dice/IoU of the map's tumour cells (``prob >= threshold`` on tissue) against the
-    annotation drawn on the same cells. Then the FROC over all slides, and the slide-level
-    AUC of the ``summary.json`` scores, truth = has annotated tumour, or the ``reference``.
-    A slide the reference calls tumour but without an annotation cannot be scored for
-    lesions: it is left out of the FROC (noted) and kept for the AUC.
+    Per slide (``_score_slide``): detections (``froc.find_detections`` on ``prob.npy``, cells
+    at their level-0 centres), written to ``OUT/detections/<slide>.csv`` in the challenge's
+    format; the annotation (``find_annotation`` by the slide's stem) turned into evaluation
+    lesions; hits; and Dice/IoU of the map's tumour cells (``prob >= threshold`` on tissue)
+    against the annotation drawn on the same cells. Then the FROC over all slides, and the
+    slide-level AUC of the ``summary.json`` scores, truth = has annotated tumour, or the
+    ``reference``. A slide the reference calls tumour but without an annotation cannot be
+    scored for lesions: it is left out of the FROC (noted) and kept for the AUC.
 
     Args:
         maps_dir: The ``--out`` folder of `histodetect slide` (or one slide's folder).
@@ -150,134 +361,19 @@ def evaluate_slides(
     out = Path(out) if out is not None else maps_dir
     truth_ref = read_reference(reference) if reference is not None else None
     folders = find_slide_maps(maps_dir)
-    (out / DETECTIONS_DIR).mkdir(parents=True, exist_ok=True)
-    slides, lesions, hits, notes, stems, dice_iou = [], [], [], [], [], []
-    auc_truth, auc_scores, synthetic = [], [], False
-    for folder in folders:
-        smap = load_slide_map(folder)
-        stems.append(smap.stem.lower())
-        synthetic |= smap.synthetic
-        slide_notes: list[str] = []
-        mpp = smap.mpp
-        if mpp is None:
-            mpp = options.default_mpp
-            slide_notes.append(f"level-0 resolution unknown: {mpp} µm/px assumed.")
-        path = find_annotation(annotations_dir, smap.stem) if annotations_dir else None
-        ann = read_annotation(path, slide_size=smap.size) if path else None
-        if ann is not None:
-            slide_notes.extend(ann.notes)
-        has_tumour = ann is not None and ann.has_tumour
-        tumour: bool | None = has_tumour
-        if truth_ref is not None:
-            tumour = truth_ref.get(smap.stem.lower())
-            if tumour is None:
-                slide_notes.append("not in the reference: left out of the slide AUC.")
-            elif tumour != has_tumour:
-                slide_notes.append(
-                    f"the reference says {'tumour' if tumour else 'normal'} but the "
-                    f"annotation {'has' if has_tumour else 'has no'} tumour."
-                )
-        in_froc = not (tumour and ann is None)
-        if not in_froc:
-            slide_notes.append("tumour slide without annotation: left out of the FROC.")
-        dets = lesion_froc.find_detections(
-            smap.prob,
-            smap.cell,
-            mpp=mpp,
-            radius_um=options.nms_radius_um,
-            floor=options.floor,
-            tissue=smap.tissue,
-        )
-        write_atomic(
-            out / DETECTIONS_DIR / f"{smap.name}.csv", lesion_froc.detections_csv_bytes(dets)
-        )
-        lmap = lesion_froc.lesion_map(
-            ann,
-            mpp=mpp,
-            slide_size=smap.size,
-            pixel_um=options.pixel_um,
-            grow_um=options.grow_um,
-            itc_axis_um=options.itc_axis_um,
-        )
-        hit = lesion_froc.score_detections(dets, lmap)
-        if in_froc:
-            hits.append(hit)
-        best_any: dict[int, float] = {}  # ITCs too, for the lesion table
-        for det, lab in zip(dets, hit.labels, strict=True):
-            if lab:
-                best_any[lab] = max(best_any.get(lab, -1.0), det.confidence)
-        for les in lmap.lesions:
-            lesions.append(
-                LesionResult(
-                    slide=smap.name,
-                    **asdict(les),
-                    detected=les.label in best_any,
-                    best_score=best_any.get(les.label),
-                )
-            )
-        pred = smap.tissue & (smap.prob >= smap.threshold)
-        dice, iou = overlap(pred, annotation_cells(ann, smap))
-        if has_tumour:
-            dice_iou.append((dice, iou))
-        slides.append(
-            SlideResult(
-                name=smap.name,
-                tumour=tumour,
-                score=smap.score,
-                annotation=str(path) if path else None,
-                n_detections=len(dets),
-                n_lesions=lmap.n_lesions,
-                lesions_detected=len(hit.best),
-                n_itc=sum(les.itc for les in lmap.lesions),
-                false_positives=len(hit.fp),
-                dice=dice,
-                iou=iou,
-                in_froc=in_froc,
-                notes=slide_notes,
-            )
-        )
-        if tumour is not None:
-            auc_truth.append(tumour)
-            auc_scores.append(smap.score)
-    if truth_ref is not None:
-        missing = sorted(set(truth_ref) - set(stems))
-        if missing:
-            notes.append(
-                f"{len(missing)} reference slide(s) have no map: {', '.join(missing[:10])}"
-            )
-    # CSVs of slides scored by an earlier run but not this one would be scored by the
-    # challenge's script too (it takes every .csv of the folder): remove them.
-    names = {f"{s.name}.csv" for s in slides}
-    for stale in (out / DETECTIONS_DIR).glob("*.csv"):
-        if stale.name not in names:
-            stale.unlink()
-    curve = lesion_froc.froc(hits, options.fp_rates)
-    result = SlideEvalResult(
-        slides=slides,
-        lesions=lesions,
-        froc=curve,
-        auc=slide_auc(auc_truth, auc_scores, n_boot=options.n_boot, seed=options.seed),
-        mean_dice=_mean([d for d, _ in dice_iou]),
-        mean_iou=_mean([i for _, i in dice_iou]),
-        settings={
-            **asdict(options),
-            "maps": str(maps_dir),
-            "annotations": str(annotations_dir) if annotations_dir else None,
-            "reference": str(reference) if reference else None,
-        },
-        synthetic=synthetic,
-        notes=notes,
+    detections_dir = out / DETECTIONS_DIR
+    detections_dir.mkdir(parents=True, exist_ok=True)
+    scored = [
+        _score_slide(load_slide_map(folder), annotations_dir, truth_ref, detections_dir, options)
+        for folder in folders
+    ]
+    _remove_stale_detections(detections_dir, scored)
+    result = _pool(scored, options)
+    result.notes = _missing_from_maps(truth_ref, scored)
+    result.settings.update(
+        maps=str(maps_dir),
+        annotations=str(annotations_dir) if annotations_dir else None,
+        reference=str(reference) if reference else None,
     )
-    result.outputs = {
-        "json": str(out / "slide-eval.json"),
-        "detections": str(out / DETECTIONS_DIR),
-    }
-    if curve is not None:
-        from histodetect.slides.froc_plot import froc_png
-
-        note = "SYNTHETIC: says nothing about real slides" if synthetic else ""
-        write_atomic(out / "froc.png", froc_png(curve, maps_dir.name, note))
-        result.outputs["froc_png"] = str(out / "froc.png")
-    doc = jsonable(result.to_dict())
-    write_atomic(out / "slide-eval.json", json.dumps(doc, indent=2, allow_nan=False).encode())
+    _write_outputs(result, out, maps_dir.name)
     return result

@@ -21,7 +21,7 @@ from histodetect.slides.resolution import (
     read_thumbnail,
     working_reader,
 )
-from histodetect.slides.tissue import DEFAULT_MIN_TISSUE, tissue_cells, tissue_mask
+from histodetect.slides.tissue import DEFAULT_MIN_TISSUE, tissue_mask, window_tissue
 
 
 @dataclass(frozen=True)
@@ -166,9 +166,9 @@ def analyse(
     grid = (math.ceil(h / stride), math.ceil(w / stride))
     t = max(stride / THUMB_CELL_PX, max(w, h) / MAX_THUMB_SIDE, 1.0)
     thumb = read_thumbnail(reader, res, t)
-    fraction = tissue_cells(tissue_mask(thumb), grid, stride / t)
-    tissue = fraction >= max(min_tissue, 1e-6)
-    prob, stats = predict_cells(
+    mask = tissue_mask(thumb, t * res.mpp if res.mpp else None)
+    tissue = window_tissue(mask, grid, stride, t) >= max(min_tissue, 1e-6)
+    prob, tissue, stats = predict_cells(
         working_reader(reader, res),
         tissue,
         predictor,

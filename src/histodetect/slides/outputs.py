@@ -215,6 +215,7 @@ def slide_summary(
         "patches_predicted": analysis.stats.patches,
         "tiles_read": analysis.stats.tiles,
         "tiles_skipped": analysis.stats.tiles_skipped,
+        "out_of_focus_cells": analysis.stats.out_of_focus,
         "score": float(rm.prob[rm.tissue].max()) if tissue_n else 0.0,
         "n_regions": len(regions),
         "tumour_area_mm2": sum(r["area_mm2"] for r in regions) if res.mpp else None,

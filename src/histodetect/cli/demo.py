@@ -44,8 +44,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
     say(f"[3/4] exploring into {out / 'explore'}")
     explore(store, out / "explore")
     run = out / "runs" / time.strftime("%Y%m%d-%H%M%S")
-    say(f"[4/4] training smallcnn for {args.epochs} epochs into {run}")
     cfg = merge(RunConfig(), {"seed": args.seed, "train": {"epochs": args.epochs}})
+    say(f"[4/4] training {cfg.model.arch} for {args.epochs} epochs into {run}")
     result = train(store, run, cfg)
     print_train_result(result)
     say(

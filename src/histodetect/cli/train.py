@@ -13,7 +13,8 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--data", required=True, type=Path, help="Kaggle folder, PCam folder or store")
     p.add_argument("--config", type=Path, help="YAML file overriding the defaults")
     p.add_argument(
-        "--arch", help="smallcnn, smallfcn (padding-free) or any timm model name (e.g. resnet18)"
+        "--arch",
+        help="densecnn (default, padding-free), smallcnn, smallfcn or a timm name (e.g. resnet18)",
     )
     p.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights (online)")
     p.add_argument("--weights", help="local backbone state dict (.safetensors/.pth), offline")

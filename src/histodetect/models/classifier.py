@@ -13,8 +13,8 @@ from histodetect.models.dense import DenseCNN, SmallFCN
 OWN_MODELS = ("densecnn", "smallcnn", "smallfcn")
 # Backbones the PCam/Kaggle community used, all checked to run at 96 px; any timm name works.
 RECOMMENDED = {
-    "densecnn": "ours: padding-free CNN the size of smallcnn, for exact dense whole-slide maps",
-    "smallcnn": "ours: a compact CNN that trains in minutes on two CPU cores (default)",
+    "densecnn": "ours: trains in minutes on CPUs, exact dense whole-slide maps (default)",
+    "smallcnn": "ours: a compact padded CNN (the former default; slides map it patch-wise)",
     "smallfcn": "ours: a smaller padding-free CNN (dense maps; densecnn is stronger)",
     "resnet18": "ResNet-18, a solid fast baseline",
     "resnet50": "ResNet-50",
@@ -119,7 +119,7 @@ def build_backbone(arch: str, pretrained: bool = False) -> tuple[nn.Module, int]
     if not timm.is_model(arch):
         close = timm.list_models(f"*{arch.split('_')[0]}*")[:8]
         raise HistodetectError(
-            f"unknown architecture {arch!r}. Use 'smallcnn' or a timm model name"
+            f"unknown architecture {arch!r}. Use densecnn, smallcnn or a timm model name"
             + (f", e.g. {', '.join(close)}." if close else " (see timm.list_models()).")
         )
     try:

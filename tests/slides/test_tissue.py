@@ -19,6 +19,7 @@ from histodetect.slides.tissue import (
 
 SHARED = Path(__file__).resolve().parents[2].parent / "shared"
 GLASS = (242, 240, 244)
+PX_UM = 8 * 0.972  # thumbnail pixels of 8 px at PCam's resolution
 
 
 def _glass(h: int, w: int, seed: int = 0) -> np.ndarray:
@@ -32,7 +33,7 @@ def test_pale_eosin_and_fat_are_tissue_glass_is_not():
     thumb[30:51, 30:51] = (244, 242, 245)  # fat: glass-white cells ...
     thumb[30:51:5, 30:51] = (215, 190, 210)  # ... inside thin pink membranes
     thumb[30:51, 30:51:5] = (215, 190, 210)
-    mask = tissue_mask(thumb)
+    mask = tissue_mask(thumb, PX_UM)
     assert mask[10:20, 10:20].all()
     assert mask[30:51, 30:51].all()  # the fat cells between the membranes are filled in
     mask[10:20, 10:20] = mask[30:51, 30:51] = False
@@ -49,13 +50,13 @@ def test_ink_borders_dust_and_blank_are_not_tissue():
     for y, x in rng.integers(40, 75, (12, 2)):  # dust: grey specks
         thumb[y, x] = 150
     thumb[60:75, 10:25] = 250  # a blank patch brighter than the glass
-    assert not tissue_mask(thumb).any()
+    assert not tissue_mask(thumb, PX_UM).any()
 
 
 def test_a_few_stained_cells_alone_on_the_glass_are_kept():
     thumb = _glass(40, 40)
     thumb[20:22, 20:22] = (150, 90, 170)  # 2x2 px: a small cluster of tumour cells
-    assert tissue_mask(thumb)[20:22, 20:22].all()
+    assert tissue_mask(thumb, PX_UM)[20:22, 20:22].all()
 
 
 def test_window_share_is_what_the_model_sees():
@@ -97,6 +98,6 @@ def test_real_patches_on_glass_are_all_found():
         canvas = _glass(288, 288).astype(np.float32)
         canvas[96:192, 96:192] = tifffile.imread(sample / "train" / f"{pid}.tif")
         thumb = canvas.reshape(36, 8, 36, 8, 3).mean((1, 3)).round().astype(np.uint8)
-        share = window_tissue(tissue_mask(thumb), (9, 9), 32, 8)
+        share = window_tissue(tissue_mask(thumb, PX_UM), (9, 9), 32, 8)
         found += share[4, 4] >= DEFAULT_MIN_TISSUE  # the cell whose window is the patch
     assert found >= 0.99 * len(ids)  # the misses are blank patches (slide_fidelity.py)

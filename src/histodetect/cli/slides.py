@@ -148,6 +148,8 @@ def cmd_slide_eval(args: argparse.Namespace) -> int:
     """
     from histodetect.slides.evaluation import EvalOptions, evaluate_slides
 
+    if not args.slide_mpp > 0:
+        raise HistodetectError(f"--slide-mpp must be a positive µm/px, got {args.slide_mpp}.")
     options = EvalOptions(default_mpp=args.slide_mpp)
     result = evaluate_slides(args.maps, args.annotations, args.reference, args.out, options=options)
     header, rows = result.table()
@@ -156,5 +158,5 @@ def cmd_slide_eval(args: argparse.Namespace) -> int:
         say("  ".join(str(c).ljust(w) for c, w in zip(row, widths, strict=True)))
     for line in result.headline():
         say(line)
-    say(f"scores written to {args.out or args.maps} (slide-eval.json, froc.png, detections/)")
+    say("written: " + ", ".join(result.outputs.values()))
     return 0

@@ -78,7 +78,10 @@ def read_mask_image(
     if pixels.size == 0 or pixels.ndim < 2:
         raise bad_file(path, "the mask image has no pixels.")
     h, w = pixels.shape[:2]
-    mask = pixels.reshape(h, w, -1).any(axis=-1)  # grey, palette or RGB: any nonzero sample
+    samples = pixels.reshape(h, w, -1)
+    if samples.shape[-1] in (2, 4):  # LA or RGBA: the alpha channel says nothing of tumour
+        samples = samples[..., :-1]
+    mask = samples.any(axis=-1)  # grey, palette or RGB: any nonzero sample
     notes = []
     if downsample is None and slide_size is not None:
         downsample = slide_size[0] / w0

@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 from histodetect.slides.annotation_masks import MASK_SUFFIXES, read_mask_image
+from histodetect.slides.readers import IMAGE_SUFFIXES
 from histodetect.slides.shapes import Annotation, assemble, bad_file, make_polygon
 
 # Camelyon16/17 ASAP groups: _0 and _1 are metastases, _2 normal tissue cut out of them.
@@ -19,7 +20,7 @@ QUPATH_TUMOR_RGB = (200, 0, 0)  # QuPath's colour of its built-in "Tumor" class
 VECTOR_SUFFIXES = (".xml", ".geojson", ".json")
 # Suffixes stripped from a slide's name to find its annotations (``tumor_110.tif``).
 SLIDE_SUFFIXES = frozenset(
-    {".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".png", ".jpg"}
+    {".tif", ".tiff", ".svs", ".ndpi", ".mrxs", ".scn", ".vms", ".vmu", ".bif"} | IMAGE_SUFFIXES
 )
 
 

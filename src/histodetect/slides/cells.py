@@ -160,7 +160,9 @@ def predict_cells(
         here &= ~blurred
         stats.out_of_focus += int(blurred.sum())
         rr, cc = np.nonzero(here)
-        if mode == "dense":
+        if not len(rr):
+            pass  # every tissue window of the tile is out of focus
+        elif mode == "dense":
             step = stride // predictor.model.backbone.dense_stride
             out = dense_proba(predictor, pixels, tta, step)
             prob[rr + r0, cc + c0] = out[rr, cc]
@@ -178,7 +180,7 @@ def predict_cells(
 
 
 def _undo_dihedral(y: torch.Tensor, k: int) -> torch.Tensor:
-    """Inverse of ``augment.dihedral(., k)``: its three steps are involutions, undone in reverse."""
+    """Inverse of ``data.transforms.dihedral(., k)``: its three steps undone in reverse order."""
     if k & 1:
         y = y.flip(-1)
     if k & 2:
@@ -196,7 +198,7 @@ def dense_proba(predictor, tile: np.ndarray, tta: int = 1, step: int = 1) -> np.
     stride ``32 * step``, including the centre crop, dihedral TTA and temperature.
 
     Args:
-        predictor: A ``histodetect.predict.Predictor`` whose model is dense-capable.
+        predictor: A ``histodetect.inference.predictor.Predictor`` whose model is dense-capable.
         tile: (32 (n - 1) step + 96, ...) uint8 RGB pixels, patch windows at stride 32 step.
         tta: 1, 2, 4 or 8 dihedral views of the whole tile, averaged as probabilities.
         step: Keep every ``step``-th output (cell strides that are multiples of 32).

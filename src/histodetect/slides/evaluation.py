@@ -34,6 +34,12 @@ class EvalOptions:
     n_boot: int = 1000
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        lengths = ("nms_radius_um", "default_mpp", "pixel_um", "grow_um", "itc_axis_um")
+        for name in lengths:
+            if not getattr(self, name) > 0:
+                raise HistodetectError(f"{name} must be positive, got {getattr(self, name)}.")
+
 
 # ----------------------------------------------------------------------------- metrics
 
@@ -359,10 +365,16 @@ def evaluate_slides(
     """
     maps_dir = Path(maps_dir)
     out = Path(out) if out is not None else maps_dir
+    if annotations_dir is not None and not Path(annotations_dir).is_dir():
+        # A mistyped folder would make every slide "normal" without a word.
+        raise HistodetectError(f"{annotations_dir}: no such annotations folder.")
     truth_ref = read_reference(reference) if reference is not None else None
     folders = find_slide_maps(maps_dir)
     detections_dir = out / DETECTIONS_DIR
-    detections_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        detections_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise HistodetectError(f"{detections_dir}: cannot create it ({exc.strerror}).") from None
     scored = [
         _score_slide(load_slide_map(folder), annotations_dir, truth_ref, detections_dir, options)
         for folder in folders

@@ -16,6 +16,7 @@ from histodetect.slides.readers import ArrayReader, SlideReader
 from histodetect.slides.regions import find_regions
 from histodetect.slides.render import MAX_THUMB_SIDE, THUMB_CELL_PX, png_bytes, render_overlay
 from histodetect.slides.resolution import (
+    PCAM_MPP,
     Resolution,
     choose_resolution,
     read_thumbnail,
@@ -166,7 +167,8 @@ def analyse(
     grid = (math.ceil(h / stride), math.ceil(w / stride))
     t = max(stride / THUMB_CELL_PX, max(w, h) / MAX_THUMB_SIDE, 1.0)
     thumb = read_thumbnail(reader, res, t)
-    mask = tissue_mask(thumb, t * res.mpp if res.mpp else None)
+    # Unknown resolution: the image is taken to be at PCam's (as choose_resolution does).
+    mask = tissue_mask(thumb, t * (res.mpp or PCAM_MPP))
     tissue = window_tissue(mask, grid, stride, t) >= max(min_tissue, 1e-6)
     prob, tissue, stats = predict_cells(
         working_reader(reader, res),

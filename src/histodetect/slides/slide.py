@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import Predictor
 from histodetect.slides.mapping import analyse
 from histodetect.slides.outputs import slide_summary, synthetic_tags, write_maps, write_summary
@@ -28,6 +29,13 @@ class SlideOptions:
     slide_mpp: float | None = None
     min_tissue: float = DEFAULT_MIN_TISSUE
     batch_size: int = 256
+
+    def __post_init__(self) -> None:
+        for name in ("target_mpp", "slide_mpp"):
+            value = getattr(self, name)
+            if value is not None and not value > 0:
+                flag = "--mpp" if name == "target_mpp" else "--slide-mpp"
+                raise HistodetectError(f"{flag} must be a positive µm/px, got {value}.")
 
 
 def analyse_slide(

@@ -7,7 +7,6 @@ from scipy import ndimage
 from skimage import measure, morphology
 
 from histodetect import PATCH_SIZE
-from histodetect.slides.resolution import PCAM_MPP
 
 # A 96 px window is analysed when at least this share of it is tissue. PCam sampled patches
 # from tissue, but a patch of fat or loose stroma holds only a few stained strands: a share of
@@ -70,7 +69,7 @@ def not_tissue_colours(rgb: np.ndarray) -> np.ndarray:
     return ink | black | drawn | (sat >= 0.9)
 
 
-def tissue_mask(rgb: np.ndarray, px_um: float | None = None) -> np.ndarray:
+def tissue_mask(rgb: np.ndarray, px_um: float) -> np.ndarray:
     """Tissue in a thumbnail: pixels whose colour differs from the glass, and not ink or dirt.
 
     Fat, loose stroma and pale eosin are faint but not glass-coloured, so the test is a step
@@ -81,8 +80,7 @@ def tissue_mask(rgb: np.ndarray, px_um: float | None = None) -> np.ndarray:
 
     Args:
         rgb: (H, W, 3) uint8 thumbnail.
-        px_um: µm per thumbnail pixel, to size the filled holes (PCam's 8 px per pixel if
-            unknown).
+        px_um: µm per thumbnail pixel, to size the removed specks and the filled holes.
 
     Returns:
         (H, W) bool tissue mask.
@@ -96,7 +94,6 @@ def tissue_mask(rgb: np.ndarray, px_um: float | None = None) -> np.ndarray:
     # colour rule can tell from pale stain: everything within 2 px of them goes with them.
     foreign = morphology.dilation(not_tissue_colours(rgb), morphology.disk(2))
     mask = (step > max(MIN_OD_STEP, 4.0 * noise)) & ~foreign
-    px_um = px_um or 8 * PCAM_MPP
     # A fat cell's membranes are thinner than a thumbnail pixel and break into dots and
     # diagonal dashes: closing joins them back into one net before pieces are weighed.
     mask = morphology.closing(mask, morphology.footprint_rectangle((3, 3)))

@@ -10,8 +10,8 @@ import pytest
 from scipy import ndimage
 
 from histodetect.data.synth import render_patch
+from histodetect.slides import DEFAULT_MIN_TISSUE
 from histodetect.slides.tissue import (
-    DEFAULT_MIN_TISSUE,
     in_focus,
     tissue_mask,
     window_tissue,

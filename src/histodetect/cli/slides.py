@@ -7,7 +7,7 @@ from pathlib import Path
 
 from histodetect.cli.registry import command, say
 from histodetect.errors import HistodetectError
-from histodetect.slides.tissue import DEFAULT_MIN_TISSUE
+from histodetect.slides import DEFAULT_MIN_TISSUE
 
 
 def _slide_args(p: argparse.ArgumentParser) -> None:

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from histodetect.errors import HistodetectError
+from histodetect.slides.regions import longest_diameter
 from histodetect.slides.shapes import Annotation, annotation_raster
 
 CAMELYON16_MPP = 0.243  # µm per level-0 pixel of the Camelyon16 scanners
@@ -177,13 +178,7 @@ def _feret(rows: np.ndarray, cols: np.ndarray) -> float:
     ends = np.r_[starts[1:], len(rows)] - 1
     r, c0, c1 = rows[starts], cols[starts], cols[ends] + 1
     pts = np.concatenate([np.c_[r, c0], np.c_[r, c1], np.c_[r + 1, c0], np.c_[r + 1, c1]])
-    pts = pts.astype(np.float64)
-    if len(pts) > 8:
-        from scipy.spatial import ConvexHull
-
-        pts = pts[ConvexHull(pts).vertices]  # pixel corners are never all collinear
-    d = pts[:, None, :] - pts[None, :, :]
-    return float(np.sqrt((d**2).sum(-1)).max())
+    return longest_diameter(pts.astype(np.float64))
 
 
 def lesion_map(

@@ -11,6 +11,7 @@ import numpy as np
 from histodetect import PATCH_SIZE
 from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import Predictor
+from histodetect.slides import DEFAULT_MIN_TISSUE
 from histodetect.slides.cells import TILE_CELLS, InferenceStats, predict_cells, resolve_mode
 from histodetect.slides.readers import ArrayReader, SlideReader
 from histodetect.slides.regions import find_regions
@@ -22,7 +23,7 @@ from histodetect.slides.resolution import (
     read_thumbnail,
     working_reader,
 )
-from histodetect.slides.tissue import DEFAULT_MIN_TISSUE, tissue_mask, window_tissue
+from histodetect.slides.tissue import tissue_mask, window_tissue
 
 
 @dataclass(frozen=True)

@@ -66,7 +66,7 @@ def _shoelace(ring: np.ndarray) -> float:
     return float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) / 2)
 
 
-def _longest_diameter(points: np.ndarray) -> float:
+def longest_diameter(points: np.ndarray) -> float:
     """Largest distance between two outline points (on their convex hull when there are many)."""
     if len(points) > 64:
         from scipy.spatial import ConvexHull, QhullError
@@ -116,7 +116,7 @@ def find_regions(
         rings.sort(key=_shoelace, reverse=True)  # the outer ring first, holes after
         area = sum(_shoelace(r) for r in rings)
         values = prob[sl][own]
-        diameter = _longest_diameter(rings[0][:-1])
+        diameter = longest_diameter(rings[0][:-1])
         cy, cx = ndimage.center_of_mass(own)
         regions.append(
             {

@@ -8,12 +8,12 @@ from pathlib import Path
 
 from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import Predictor
+from histodetect.slides import DEFAULT_MIN_TISSUE
 from histodetect.slides.mapping import analyse
 from histodetect.slides.outputs import slide_summary, synthetic_tags, write_maps, write_summary
 from histodetect.slides.readers import open_slide
 from histodetect.slides.render import OVERLAY_SIDE
 from histodetect.slides.resolution import PCAM_MPP, choose_resolution, read_thumbnail
-from histodetect.slides.tissue import DEFAULT_MIN_TISSUE
 
 
 @dataclass(frozen=True)

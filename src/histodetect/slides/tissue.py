@@ -8,10 +8,6 @@ from skimage import measure, morphology
 
 from histodetect import PATCH_SIZE
 
-# A 96 px window is analysed when at least this share of it is tissue. PCam sampled patches
-# from tissue, but a patch of fat or loose stroma holds only a few stained strands: a share of
-# 2 % (3 thumbnail pixels of 144) keeps 99.8 % of the real Kaggle sample's patches.
-DEFAULT_MIN_TISSUE = 0.02
 # Optical density (natural log, Euclidean over RGB) that sets tissue apart from the glass
 # colour; at least this much, more when the glass itself is noisy. Pale eosin lies at ~0.15.
 MIN_OD_STEP = 0.05
@@ -25,6 +21,12 @@ MIN_PIECE_UM2 = 1500.0  # unstained pieces smaller than this (~40 µm square) ar
 MIN_STAIN_SATURATION = 0.08  # a piece this saturated somewhere is stained: kept, however small
 
 
+def saturation(rgb: np.ndarray) -> np.ndarray:
+    """HSV saturation ``(max - min) / max`` of 8-bit RGB, in [0, 1]."""
+    hi = rgb.max(axis=-1).astype(np.float32)
+    return (hi - rgb.min(axis=-1)) / np.maximum(hi, 1.0)
+
+
 def optical_density(rgb: np.ndarray) -> np.ndarray:
     """Per-channel optical density ``-ln((I + 1) / 257)`` of 8-bit RGB (0 for white)."""
     return -np.log((rgb.astype(np.float32) + 1.0) / 257.0)
@@ -36,9 +38,7 @@ def glass_density(od: np.ndarray, rgb: np.ndarray) -> tuple[np.ndarray, float]:
     Glass is bright and unsaturated; its colour varies by scanner and slide, so it is
     measured, not assumed. A thumbnail with almost no glass falls back to white.
     """
-    hi = rgb.max(axis=-1).astype(np.float32)
-    sat = (hi - rgb.min(axis=-1)) / np.maximum(hi, 1.0)
-    candidates = od[(sat < 0.1) & (hi > 180)]
+    candidates = od[(saturation(rgb) < 0.1) & (rgb.max(axis=-1) > 180)]
     if len(candidates) < max(16, od.shape[0] * od.shape[1] // 100):
         return np.zeros(3, np.float32), 0.0
     total = candidates.sum(axis=1)
@@ -59,8 +59,7 @@ def not_tissue_colours(rgb: np.ndarray) -> np.ndarray:
     """
     rgb = rgb.astype(np.int16)
     r, g = rgb[..., 0], rgb[..., 1]
-    hi, lo = rgb.max(axis=-1), rgb.min(axis=-1)
-    sat = (hi - lo) / np.maximum(hi, 1)
+    hi, sat = rgb.max(axis=-1), saturation(rgb)
     ink = g > r + 8
     black = (hi < 60) & (sat < 0.3)
     # A channel that absorbs nothing beside one that absorbs much: stains absorb every
@@ -108,10 +107,8 @@ def _without_debris(mask: np.ndarray, rgb: np.ndarray, small: int) -> np.ndarray
     pieces = measure.label(mask, connectivity=2)
     if pieces.max() == 0:
         return mask
-    hi = rgb.max(axis=-1).astype(np.float32)
-    sat = (hi - rgb.min(axis=-1)) / np.maximum(hi, 1.0)
     sizes = np.bincount(pieces.ravel())
-    colour = ndimage.maximum(sat, pieces, index=np.arange(len(sizes)))
+    colour = ndimage.maximum(saturation(rgb), pieces, index=np.arange(len(sizes)))
     debris = (sizes <= small) & (np.asarray(colour) < MIN_STAIN_SATURATION)
     debris[0] = False
     return mask & ~debris[pieces]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field
 
-from histodetect.slides.froc import Froc
+from histodetect.slides.froc import Froc, Lesion
 
 
 def jsonable(value):
@@ -38,20 +38,14 @@ class SlideResult:
     notes: list[str] = field(default_factory=list)
 
 
-@dataclass
-class LesionResult:
-    """One evaluation lesion (``slide-eval.json`` ``lesions``); ITCs are listed, flagged."""
+@dataclass(frozen=True)
+class LesionResult(Lesion):
+    """One evaluation lesion with its slide and best hit (``slide-eval.json`` ``lesions``);
+    ITCs are listed, flagged."""
 
-    slide: str
-    label: int
-    itc: bool
-    major_axis_um: float
-    longest_diameter_um: float
-    area_um2: float
-    x: float
-    y: float
-    detected: bool
-    best_score: float | None
+    slide: str = ""
+    detected: bool = False
+    best_score: float | None = None
 
 
 @dataclass

@@ -264,7 +264,7 @@ def test_geojson_feature_list_single_feature_and_bom(tmp_path):
             ['feature 0 ("r1")', "at least 3"],
         ),
         (
-            json.dumps([_feature({"type": "Circle", "coordinates": [0, 0]}, {"name": "T"})]),
+            json.dumps([_feature({"type": "Circle", "coordinates": [0, 0]}, {"name": "Tumor"})]),
             ["unknown geometry type 'Circle'"],
         ),
     ],
@@ -387,3 +387,16 @@ def test_written_asap_and_geojson_read_back_the_same_tumour(tmp_path):
     assert xml.n_tumour == 3 and xml.n_exclusions == 2  # the hole became an exclusion
     assert geo.n_tumour == 3 and geo.n_exclusions == 1  # the hole stayed a hole
     assert xml.dots == geo.dots == ((500.5, 7.25),)
+
+
+def test_geojson_features_of_other_classes_are_skipped_unread(tmp_path):
+    """A QuPath export full of cell detections: their shapes are never parsed, so a
+    degenerate one cannot fail the file."""
+    bad = _feature({"type": "Circle", "coordinates": [0, 0]}, {"name": "Stroma"})
+    cell = {**_feature(_poly([(0, 0), (1, 1)]), {"name": "Tumor"}), "id": "c"}
+    cell["properties"] = {**cell["properties"], "objectType": "detection"}
+    tumour = _feature(_poly(_square(0, 0, 10)), {"name": "Tumor"})
+    (tmp_path / "export.geojson").write_text(json.dumps([bad, cell, tumour]))
+    ann = read_annotation(tmp_path / "export.geojson")
+    assert ann.n_tumour == 1 and ann.area_px == pytest.approx(100)
+    assert ann.ignored == {"feature(s) of class 'Stroma'": 1, "detection object(s)": 1}

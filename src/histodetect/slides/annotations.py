@@ -277,12 +277,16 @@ def read_geojson(path: str | Path) -> Annotation:
         if feature.get("geometry") is None:
             ignored["feature(s) without geometry"] += 1
             continue
-        _geometry(feature["geometry"], where, path, polygons, points, other)
+        # Decide what a feature is before reading its shape: an export with thousands of cell
+        # detections is read fast, and a degenerate one cannot fail the file.
         if kind.lower() != "annotation":
             ignored[f"{kind} object(s)"] += 1
-        elif which is None:
+            continue
+        if which is None:
             ignored[f"feature(s) of class {name!r}" if name else "unclassified feature(s)"] += 1
-        elif other:
+            continue
+        _geometry(feature["geometry"], where, path, polygons, points, other)
+        if other:
             ignored["line annotation(s)"] += 1
         elif which == "tumour":
             tumours.extend(polygons)

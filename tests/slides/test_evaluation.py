@@ -436,3 +436,18 @@ def test_synthetic_slides_with_planted_tumours_and_slidesynth_annotations(tmp_pa
     assert lesion.major_axis_um > 275 and lesion.detected and lesion.best_score == 0.9
     assert lesion.longest_diameter_um == pytest.approx(340 * 0.972, rel=0.05)
     assert result.synthetic and "SYNTHETIC" in result.headline()[0]
+
+
+def test_missing_annotations_folder_and_annotations_past_the_slide(hand_case, tmp_path):
+    maps, ann = hand_case
+    with pytest.raises(HistodetectError, match="no such annotations folder"):
+        evaluate_slides(maps, tmp_path / "typo", options=HAND)
+    # An outline far beyond the slide: wrong slide, level or scale; scored, but said so.
+    (ann / "tumor_b.geojson").write_bytes(
+        qupath_geojson_bytes([box(9e5, 9e5, 9e5 + 400, 9e5 + 400)])
+    )
+    result = evaluate_slides(maps, ann, out=tmp_path / "o", options=HAND)
+    slide_b = next(s for s in result.slides if s.name == "tumor_b")
+    assert any("reaches past the slide" in n for n in slide_b.notes)
+    slide_a = next(s for s in result.slides if s.name == "tumor_a")
+    assert not any("reaches past" in n for n in slide_a.notes)

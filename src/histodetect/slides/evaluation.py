@@ -210,6 +210,21 @@ def _lesion_results(
     ]
 
 
+def _outside_note(ann: Annotation, smap: SlideMap, path: Path) -> list[str]:
+    """A note when the annotation reaches past the slide: a wrong level, scale or slide."""
+    bounds = ann.bounds()
+    if bounds is None or smap.size is None:
+        return []
+    width, height = smap.size
+    x0, y0, x1, y1 = bounds
+    if x0 < -0.01 * width or y0 < -0.01 * height or x1 > 1.01 * width or y1 > 1.01 * height:
+        return [
+            f"{path.name} reaches past the slide ({width}x{height} level-0 px): tumour outside "
+            f"it is not scored; is it the right slide and in level-0 pixels?"
+        ]
+    return []
+
+
 def _score_slide(
     smap: SlideMap,
     annotations_dir: str | Path | None,
@@ -232,6 +247,7 @@ def _score_slide(
     ann = read_annotation(path, slide_size=smap.size) if path else None
     if ann is not None:
         notes.extend(ann.notes)
+        notes.extend(_outside_note(ann, smap, path))
     has_tumour = ann is not None and ann.has_tumour
     tumour, in_froc = _slide_truth(smap.stem, has_tumour, ann is not None, reference, notes)
     dets = _detections(smap, mpp, options, detections_dir)

@@ -181,3 +181,40 @@ def test_fast_tiff_path_matches_tifffile_even_with_other_dates(tmp_path):
         )
     for k, image in enumerate(images):
         assert np.array_equal(decode_patch(tmp_path / f"{k}.tif"), image)
+
+
+def _labels_csv(root, text: str, encoding: str = "utf-8") -> list[str]:
+    """A 6-patch Kaggle folder whose train_labels.csv is ``text`` (ids as ``{id0}``...)."""
+    from tests.conftest import write_kaggle
+
+    ids, _, _ = write_kaggle(root, n=6)
+    (root / "train_labels.csv").write_bytes(text.format(*ids).encode(encoding))
+    return ids
+
+
+def test_labels_csv_saved_by_excel_or_reordered_reads_by_column_name(tmp_path):
+    cases = {
+        "excel": ("\ufeffid,label\r\n" + "".join(f"{{{i}}},{i % 2}\r\n" for i in range(6))),
+        "reordered": (
+            "label,slide,id\n" + "".join(f"{i % 2},s{i // 3},{{{i}}}\n" for i in range(6))
+        ),
+        "blank_tail": ("ID, Label\n" + "".join(f"{{{i}}},{i % 2}\n" for i in range(6)) + "\n\n"),
+    }
+    for name, text in cases.items():
+        ids = _labels_csv(tmp_path / name, text)
+        source = open_source(tmp_path / name)
+        labels = dict(zip(source.ids, source.labels.tolist(), strict=True))
+        assert labels == {pid: i % 2 for i, pid in enumerate(ids)}, name
+
+
+def test_labels_csv_without_a_label_column_or_with_bad_rows_is_a_clear_error(tmp_path):
+    _labels_csv(tmp_path / "a", "id,target\n" + "".join(f"{{{i}}},0\n" for i in range(6)))
+    with pytest.raises(HistodetectError, match=r"no 'label' column.*found 'id,target'"):
+        open_source(tmp_path / "a")
+    text = "id,label\n{0},2\n{1},0\n{1},0\n" + "".join(f"{{{i}}},1\n" for i in range(2, 6))
+    _labels_csv(tmp_path / "b", text)
+    with pytest.raises(BadInputError) as err:
+        open_source(tmp_path / "b")
+    where = dict(err.value.problems)
+    assert "label '2' is not 0 or 1" in where["train_labels.csv line 2"]
+    assert "duplicate id" in where["train_labels.csv line 4"]

@@ -38,27 +38,34 @@ def _read_id_label_csv(
     path: Path, problems: list[tuple[str, str]]
 ) -> tuple[dict[str, int], set[str]]:
     """Parse an ``id,label`` csv into (good rows, ids of rejected rows); bad rows and duplicate
-    ids are recorded in ``problems``."""
+    ids are recorded in ``problems``.
+
+    Columns are found by name in the header, in any order and beside other columns; a
+    UTF-8 byte-order mark and Windows line ends (a csv saved by Excel) are fine.
+    """
     rows: dict[str, int] = {}
     rejected: set[str] = set()
     try:
-        with open(path, newline="", encoding="utf-8") as fh:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
             reader = csv.reader(fh)
-            header = next(reader, None)
-            if header is None or [h.strip().lower() for h in header[:2]] != ["id", "label"]:
+            header = [h.strip().lower() for h in next(reader, None) or []]
+            missing = [name for name in ("id", "label") if name not in header]
+            if missing:
+                found = ",".join(header) or "an empty file"
                 raise HistodetectError(
-                    f"{path}: the first line must be the header 'id,label' as in Kaggle's "
-                    f"train_labels.csv, found {','.join(header or []) or 'an empty file'!r}."
+                    f"{path}: the header has no {' or '.join(repr(m) for m in missing)} column "
+                    f"(Kaggle's train_labels.csv starts with 'id,label'); found {found!r}."
                 )
+            at_id, at_label = header.index("id"), header.index("label")
             for lineno, row in enumerate(reader, start=2):
                 if not row or not "".join(row).strip():
                     continue
-                if len(row) < 2:
+                if len(row) <= max(at_id, at_label):
                     problems.append(
-                        (f"{path.name} line {lineno}", f"expected 'id,label', got {row}")
+                        (f"{path.name} line {lineno}", f"expected {len(header)} columns, got {row}")
                     )
                     continue
-                pid, raw = row[0].strip(), row[1].strip()
+                pid, raw = row[at_id].strip(), row[at_label].strip()
                 if raw not in ("0", "1"):
                     problems.append((f"{path.name} line {lineno}", f"label {raw!r} is not 0 or 1"))
                     rejected.add(pid)

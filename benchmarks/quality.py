@@ -116,15 +116,18 @@ def recipe_runs(store: Store, store_path: Path, valid: np.ndarray, tmp: Path, ar
     """Step 3 for every ``--arch``: one after another, or with ``--parallel`` all at once."""
     archs = args.arch or [RunConfig().model.arch]
     extra = ("--config", str(args.config)) if args.config else ()
-    # The time budget drives the one-cycle schedule; half a minute is left for start-up,
-    # the final validation and the export, so the whole command fits in the budget.
+
+    def flags(arch: str, minutes: float) -> tuple[str, ...]:
+        # The time budget drives the one-cycle schedule; half a minute is left for start-up,
+        # the final validation and the export, so the whole command fits in the budget.
+        budget = str(minutes - 0.5)
+        return ("--arch", arch, "--epochs", "1000", "--max-minutes", budget, *extra)
+
     if not args.parallel:
-        budget = str(args.minutes - 0.5)
         results = []
         for arch in archs:
             t0 = time.perf_counter()
-            flags = ("--arch", arch, "--epochs", "1000", "--max-minutes", budget, *extra)
-            train_cli(store_path, tmp / f"run-{arch}", *flags)
+            train_cli(store_path, tmp / f"run-{arch}", *flags(arch, args.minutes))
             minutes = (time.perf_counter() - t0) / 60
             results.append(recipe_result(store, valid, tmp / f"run-{arch}", arch, minutes))
         return results
@@ -132,13 +135,12 @@ def recipe_runs(store: Store, store_path: Path, valid: np.ndarray, tmp: Path, ar
     # so each has the machine time of a sequential run and any other load hits all alike.
     threads = max(1, (os.cpu_count() or 2) // len(archs))
     env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
-    budget = str(args.minutes * len(archs) - 0.5)
     t0 = time.perf_counter()
     running = [
         train_cli(
             store_path,
             tmp / f"run-{arch}",
-            *("--arch", arch, "--epochs", "1000", "--max-minutes", budget, *extra),
+            *flags(arch, args.minutes * len(archs)),
             wait=False,
             env=env,
         )

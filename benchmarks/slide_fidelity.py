@@ -38,6 +38,7 @@ from histodetect.data.loaders import split_indices_of
 from histodetect.data.pack import pack
 from histodetect.data.store import Store, open_store
 from histodetect.inference.predictor import Predictor
+from histodetect.slides.synthetic import write_pyramid
 
 MPP = 0.972
 GAP = 64  # glass between patches (px); patch pitch 160 = 5 cells
@@ -92,26 +93,6 @@ def build_slide(store: Store, rows: np.ndarray, spare: np.ndarray, seed: int) ->
     return np.clip(np.round(canvas), 0, 255).astype(np.uint8), np.array(corners), real
 
 
-def write_pyramid(path: Path, image: np.ndarray) -> None:
-    """A tiled pyramidal TIFF (levels 1, 4, 16) with its resolution, as scanners write them."""
-    import tifffile
-
-    res = 1e4 / MPP  # pixels per centimetre
-    with tifffile.TiffWriter(str(path)) as tw:
-        for i, d in enumerate((1, 4, 16)):
-            level = image if d == 1 else image[::d, ::d]
-            tw.write(
-                level,
-                tile=(256, 256),
-                photometric="rgb",
-                compression="zlib",
-                resolution=(res / d, res / d),
-                resolutionunit="CENTIMETER",
-                subfiletype=0 if i == 0 else 1,
-                metadata=None,
-            )
-
-
 def non_tissue_cells(real: np.ndarray, grid: tuple[int, int]) -> np.ndarray:
     """Cells whose 96 px window (centred on the 32 px cell) holds no real patch pixel."""
     padded = np.pad(real, ((32, 64), (32, 64)))  # window of cell c spans [32c - 32, 32c + 64)
@@ -155,7 +136,8 @@ def main() -> None:
     rows, spare = np.sort(chosen[: args.patches]), chosen[args.patches :]
     image, corners, real = build_slide(store, rows, spare, args.seed)
     slide = work / "fidelity.tiff"
-    write_pyramid(slide, image)
+    levels = [image[::d, ::d] for d in (1, 4, 16)]
+    write_pyramid(slide, levels, image.shape[1::-1], MPP, (1, 4, 16))
     maps = work / "maps"
     t0 = time.perf_counter()
     cmd = [sys.executable, "-m", "histodetect.cli", "slide", str(run), str(slide)]

@@ -159,10 +159,11 @@ def predict_cells(
         blurred = here & ~in_focus(pixels, here.shape, stride)
         here &= ~blurred
         stats.out_of_focus += int(blurred.sum())
+        bar.update(int(blurred.sum()))
         rr, cc = np.nonzero(here)
         if not len(rr):
-            pass  # every tissue window of the tile is out of focus
-        elif mode == "dense":
+            continue  # every tissue window of the tile is out of focus
+        if mode == "dense":
             step = stride // predictor.model.backbone.dense_stride
             out = dense_proba(predictor, pixels, tta, step)
             prob[rr + r0, cc + c0] = out[rr, cc]
@@ -172,7 +173,7 @@ def predict_cells(
             patches = np.ascontiguousarray(windows[rr, cc].transpose(0, 2, 3, 1))
             batches.add(rr + r0, cc + c0, patches)
         stats.patches += len(rr)
-        bar.update(len(rr) + int(blurred.sum()))
+        bar.update(len(rr))
     batches.flush()
     bar.close()
     stats.seconds = time.perf_counter() - t0

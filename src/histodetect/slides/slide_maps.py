@@ -91,12 +91,10 @@ def load_slide_map(folder: str | Path) -> SlideMap:
         raise HistodetectError(
             f"{folder}: prob.npy {prob.shape} and tissue.png {tissue.shape} are not one 2-D grid."
         )
-    cell = summary.get("cell_level0_px")
-    if cell is None:
-        stride = summary.get("stride_px")
-        if stride is None:
-            raise HistodetectError(f"{folder / SUMMARY}: no stride_px: cannot place the cells.")
-        cell = stride * summary.get("level_downsample", 1.0) * summary.get("resample_factor", 1.0)
+    stride = summary.get("stride_px")
+    if stride is None:
+        raise HistodetectError(f"{folder / SUMMARY}: no stride_px: cannot place the cells.")
+    cell = stride * summary.get("level_downsample", 1.0) * summary.get("resample_factor", 1.0)
     size = summary.get("level0_size_px")
     slide = summary.get("slide")
     return SlideMap(

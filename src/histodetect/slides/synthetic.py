@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -90,6 +90,44 @@ def render_region(
     return np.ascontiguousarray(out, dtype=np.uint8)
 
 
+def write_pyramid(
+    path: str | Path,
+    levels: Iterable[np.ndarray | Iterator[np.ndarray]],
+    size: tuple[int, int],
+    mpp: float,
+    downsamples: tuple[int, ...],
+    tile: int = 256,
+    compression: str | None = "zlib",
+    description: str | None = None,
+) -> None:
+    """A tiled pyramidal TIFF as scanners write them: one page per level, resolution tags.
+
+    Each page is a separate image (OpenSlide's generic-TIFF layout), so OpenSlide and tifffile
+    both read it. ``levels`` holds, per downsample, the level's pixels: an array, or its tiles
+    in row-major order (streamed, so memory stays at one tile).
+    """
+    import tifffile
+
+    width, height = size
+    res = 1e4 / mpp  # pixels per centimetre
+    with tifffile.TiffWriter(str(path), bigtiff=width * height * 3 > 2**31) as tw:
+        for i, (d, level) in enumerate(zip(downsamples, levels, strict=True)):
+            shape = None if isinstance(level, np.ndarray) else (height // d, width // d, 3)
+            tw.write(
+                level,
+                shape=shape,
+                dtype=None if shape is None else np.uint8,
+                tile=(tile, tile),
+                photometric="rgb",
+                compression=compression,
+                resolution=(res / d, res / d),
+                resolutionunit="CENTIMETER",
+                description=description if i == 0 else None,
+                subfiletype=0 if i == 0 else 1,
+                metadata=None,
+            )
+
+
 def write_synthetic_slide(
     path: str | Path,
     width: int,
@@ -123,8 +161,6 @@ def write_synthetic_slide(
     Returns:
         The ground truth: size, mpp, downsamples, tissue and tumour ellipses.
     """
-    import tifffile
-
     for d in downsamples:
         if _TUMOUR_TILE % d or PATCH_SIZE % d:
             raise ValueError(f"downsample {d} must divide {_TUMOUR_TILE}")
@@ -134,23 +170,8 @@ def write_synthetic_slide(
             for tx in range(0, lw, tile):
                 yield render_region(tx, ty, tile, tile, d, tissue, tumours, seed)
 
-    res = (1e4 / mpp, 1e4 / mpp)  # pixels per centimetre
-    with tifffile.TiffWriter(str(path), bigtiff=width * height * 3 > 2**31) as tw:
-        for i, d in enumerate(downsamples):
-            lw, lh = width // d, height // d
-            tw.write(
-                tiles(d, lw, lh),
-                shape=(lh, lw, 3),
-                dtype=np.uint8,
-                tile=(tile, tile),
-                photometric="rgb",
-                compression=compression,
-                resolution=(res[0] / d, res[1] / d),
-                resolutionunit="CENTIMETER",
-                description=DESCRIPTION if i == 0 else None,
-                subfiletype=0 if i == 0 else 1,
-                metadata=None,
-            )
+    levels = (tiles(d, width // d, height // d) for d in downsamples)
+    write_pyramid(path, levels, (width, height), mpp, downsamples, tile, compression, DESCRIPTION)
     return {
         "synthetic": True,
         "path": str(path),

@@ -48,7 +48,7 @@ def main() -> None:
         predictor = Predictor.from_run(run, "cpu")
         t0 = time.perf_counter()
         patches = list_patches(folder)
-        probs, _ = predict_patches([predictor], patches, tta=1, progress=False)
+        probs, _ = predict_patches(predictor, patches, tta=1, progress=False)
         write_submission(Path(tmp) / "sub.csv", patches.ids, probs)
         e2e = len(patches.ids) / (time.perf_counter() - t0)
         raw = raw_rate(predictor, len(patches.ids))

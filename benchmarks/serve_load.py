@@ -100,7 +100,7 @@ def offline_rate(predictor: Predictor, patches, n: int) -> tuple[int, float]:
     """(patches, seconds) of `predict`'s own code on the first ``n`` files, after a warm-up."""
     subset = type(patches)(patches.ids[:n], files=patches.files[:n])
     t0 = time.perf_counter()
-    predict_patches([predictor], subset, progress=False)
+    predict_patches(predictor, subset, progress=False)
     return n, time.perf_counter() - t0
 
 

@@ -140,6 +140,12 @@ class DataConfig:
     crop: int = 96
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
+    # Cross-validation (set by `histodetect cv`): the store's train rows are cut into `folds`
+    # folds (by slide when slide ids exist, else by `groups`, an id,group csv); fold `fold`
+    # validates, -1 = none (the fold ensemble). 0 folds = the store's own train/valid split.
+    folds: int = 0
+    fold: int = 0
+    groups: str | None = None
 
 
 @dataclass(frozen=True)

@@ -91,15 +91,44 @@ def test_corrupt_patch_stops_prediction_with_its_name(trained_run, tmp_path):
 
 
 @pytest.mark.slow
-def test_ensemble_is_the_weighted_mean(trained_run):
+def test_an_ensemble_of_one_run_with_itself_predicts_as_the_run(trained_run):
     data, run = trained_run
     patches = list_patches(data)
-    one = Predictor.from_run(run)
-    single, _ = predict_patches([one], patches, progress=False)
+    single, _ = predict_patches(Predictor.from_run(run), patches, progress=False)
     double, _ = predict_patches(
-        [one, Predictor.from_run(run)], patches, weights=[1, 3], progress=False
+        Predictor.from_runs([run, run], weights=[1, 3]), patches, progress=False
     )
     assert np.allclose(single, double, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_evaluate_split_all_scores_every_patch_of_an_external_folder(trained_run, tmp_path):
+    from tests.conftest import write_kaggle
+
+    _, run = trained_run
+    external = tmp_path / "external"
+    write_kaggle(external, n=50, seed=7)  # other patches and ids: never seen by the run
+    out = tmp_path / "ext-eval"
+    proc = _cli(
+        "evaluate",
+        str(run),
+        "--data",
+        str(external),
+        "--split",
+        "all",
+        "--out",
+        str(out),
+        "--bootstrap",
+        "100",
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "all: 50 patches" in proc.stdout and "optimistic" not in proc.stdout
+    assert "chosen on the run's own validation split" in proc.stdout
+    metrics = json.loads((out / "metrics_all.json").read_text())
+    assert metrics["n"] == 50 and set(metrics["thresholds"]) >= {"run", "youden"}
+    # The same folder's own split, scored as before, still works and says where it came from.
+    own = _cli("evaluate", str(run), "--data", str(external), "--split", "valid", "--out", str(out))
+    assert own.returncode == 0 and "valid: 4 patches" in own.stdout  # 10% of 2 x 25
 
 
 @pytest.mark.slow

@@ -9,11 +9,20 @@ from histodetect.cli.registry import command, say
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("run", type=Path, help="run folder (from histodetect train)")
+    p.add_argument(
+        "runs", type=Path, nargs="+", help="run or ensemble folder; several runs = an ensemble"
+    )
     p.add_argument("--data", required=True, type=Path, help="Kaggle folder, PCam folder or store")
-    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument(
+        "--split",
+        default="valid",
+        choices=["valid", "test", "train", "all"],
+        help="valid (default), test, train, or all: every labelled patch (external data)",
+    )
     p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the CIs")
+    p.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per run")
+    p.add_argument("--out", type=Path, help="folder for the results (default: the run folder)")
     p.add_argument(
         "--calibrate",
         action="store_true",
@@ -23,19 +32,29 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
 
 @command("evaluate", _evaluate_args)
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    """Score a run: AUC and more with 95% bootstrap intervals, thresholds, ROC/PR, calibration.
+    """Score a run or ensemble: AUC and more with 95% bootstrap intervals, thresholds, curves.
 
-    Writes metrics_<split>.json and evaluation_<split>.png into the run folder. Thresholds
-    (Youden, 95% sensitivity) and the temperature are chosen on the validation split.
+    Writes metrics_<split>.json and evaluation_<split>.png into the run folder (or --out).
+    --split all scores every labelled patch of DATA, e.g. an external set. Several runs are
+    scored as their ensemble (the mean of their probabilities, weighted as predict does).
+    Thresholds (Youden, 95% sensitivity) and the temperature are chosen on the run's own
+    validation data (a cv ensemble's out-of-fold predictions), never on the data scored.
     """
     from histodetect.inference.evaluate import evaluate
 
-    ev = evaluate(args.run, args.data, args.split, args.tta, args.bootstrap, args.calibrate)
-    say(ev.summary())
-    say(
-        f"written: {args.run / f'metrics_{args.split}.json'}, "
-        f"{args.run / f'evaluation_{args.split}.png'}"
+    ev = evaluate(
+        args.runs,
+        args.data,
+        args.split,
+        args.tta,
+        args.bootstrap,
+        args.calibrate,
+        args.weights,
+        args.out,
     )
+    out = args.out or args.runs[0]
+    say(ev.summary())
+    say(f"written: {out / f'metrics_{args.split}.json'}, {out / f'evaluation_{args.split}.png'}")
     return 0
 
 
@@ -85,9 +104,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
             + describe_problems(list(patches.problems)),
             list(patches.problems),
         )
-    predictors = [Predictor.from_run(run, args.device) for run in args.runs]
+    predictor = Predictor.from_runs(args.runs, args.weights, args.device)
     probs, bad = predict_patches(
-        predictors, patches, args.tta, args.weights, args.batch_size, args.skip_bad, args.fallback
+        predictor, patches, args.tta, args.batch_size, args.skip_bad, args.fallback
     )
     write_submission(args.out, patches.ids, probs)
     problems = list(patches.problems) + bad
@@ -98,10 +117,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
             f"{len(problems)} problem(s) listed in {listing}; unreadable patches got "
             f"probability {args.fallback}"
         )
-    synthetic = any(p.meta.get("synthetic") for p in predictors)
+    synthetic = predictor.meta.get("synthetic")
+    tag = " [model trained on SYNTHETIC DATA]" if synthetic else ""
     say(
         f"wrote {len(patches.ids)} predictions to {args.out} (TTA x{args.tta}, "
-        f"{len(predictors)} model(s))" + (" [model trained on SYNTHETIC DATA]" if synthetic else "")
+        f"{predictor.meta.get('arch')}){tag}"
     )
     return 0
 

@@ -40,6 +40,8 @@ HELP_ORDER = (
     "serve",
     "slide",
     "slide-eval",
+    "slidesynth",
+    "extract",
     "demo",
 )
 

@@ -31,6 +31,13 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     _model_args(p)
     p.add_argument("--out", required=True, type=Path, help="run folder to create")
     p.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    _schedule_args(p)
+    p.add_argument("--num-nodes", type=int, default=1, help="machines (multi-node DDP)")
+    p.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ...")
+
+
+def _schedule_args(p: argparse.ArgumentParser) -> None:
+    """Arguments shared by train and cv: how long and how each run trains."""
     p.add_argument("--epochs", type=int)
     p.add_argument("--max-steps", type=int, help="stop after this many optimiser steps")
     p.add_argument("--max-minutes", type=float, help="stop training after this many minutes")
@@ -38,8 +45,6 @@ def _train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--loss", choices=["bce", "focal"])
     p.add_argument("--class-weights", choices=["none", "auto"])
     p.add_argument("--precision", help="auto, 32-true, bf16-mixed or 16-mixed")
-    p.add_argument("--num-nodes", type=int, default=1, help="machines (multi-node DDP)")
-    p.add_argument("--strategy", default="auto", help="auto, ddp, ddp_spawn, ...")
 
 
 OVERRIDES = {
@@ -113,6 +118,49 @@ def print_train_result(result) -> None:
         f"on {result.n_valid} held-out patches ({result.n_train} trained on, "
         f"{result.images_per_s:.0f} img/s){tag}\nrun folder: {result.run}"
     )
+
+
+def _cv_args(p: argparse.ArgumentParser) -> None:
+    _model_args(p)
+    p.add_argument("--out", required=True, type=Path, help="cross-validation folder")
+    p.add_argument("--folds", type=int, default=5, help="number of folds (default 5)")
+    p.add_argument("--groups", type=Path, help="id,group csv of slide ids (Kaggle data)")
+    p.add_argument(
+        "--holdout-tta",
+        type=int,
+        nargs="+",
+        default=[1, 8],
+        choices=[1, 2, 4, 8],
+        help="TTA views at which held-out patches score the ensemble (default 1 8)",
+    )
+    _schedule_args(p)
+
+
+@command("cv", _cv_args)
+def cmd_cv(args: argparse.Namespace) -> int:
+    """K-fold cross-validation: K runs, out-of-fold predictions and a fold ensemble.
+
+    Folds are stratified and keep whole slides together when slide ids exist (a PCam meta csv,
+    a store with slides, or --groups). Writes OUT/fold_<k>/ (normal run folders), oof.csv,
+    cv_metrics.json and OUT/ensemble/, which every command accepts as a run. The data's
+    validation split is held out of every fold and scores the ensemble against each fold.
+    Rerun the same command after an interruption: finished folds are kept, the interrupted
+    one resumes from its last checkpoint.
+    """
+    from histodetect.training.cv import cross_validate
+
+    result = cross_validate(
+        args.data,
+        args.out,
+        _load_run_config(args),
+        args.folds,
+        args.groups,
+        tuple(args.holdout_tta),
+        accelerator=args.accelerator,
+        devices=_devices(args),
+    )
+    say(result.summary())
+    return 0
 
 
 def _lr_find_args(p: argparse.ArgumentParser) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from histodetect.config import DataConfig
 from histodetect.data.sources import detect_kind
 from histodetect.data.store import Store, open_store
 
@@ -42,18 +43,29 @@ def run_split_args(run: Path) -> dict:
     """A run's own train/valid split settings, so packing DATA again reproduces its split."""
     if not (Path(run) / "config.yaml").exists():
         return {}
-    from histodetect.config import load_config
-
-    d = load_config(Path(run) / "config.yaml").data
+    d = run_data_config(run)
     return {"valid_fraction": d.valid_fraction, "seed": d.split_seed}
 
 
+def run_data_config(run: Path) -> DataConfig:
+    """A run's saved data settings (``config.yaml``), or the defaults for a bare model folder."""
+    from histodetect.config import load_config
+
+    path = Path(run) / "config.yaml"
+    return load_config(path).data if path.exists() else DataConfig()
+
+
 def labelled_split(run: Path, data: str | Path, split: str) -> tuple[Store, np.ndarray]:
-    """DATA packed with the run's own split settings, and the labelled patches of ``split``."""
+    """DATA packed with the run's own split settings, and the labelled patches of ``split``.
+
+    ``split`` is train, valid or test as the run saw them (cross-validation folds included),
+    or ``all``: every labelled patch, e.g. of an external set the run never saw.
+    """
+    from histodetect.data.folds import run_rows
     from histodetect.errors import HistodetectError
 
     store = ensure_store(data, progress=False, **run_split_args(run))
-    idx = split_indices_of(store, split)
+    idx = run_rows(store, run_data_config(run), split)
     idx = idx[store.labels[idx] >= 0]
     if len(idx) == 0:
         raise HistodetectError(

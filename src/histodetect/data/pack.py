@@ -73,6 +73,9 @@ def _plan_arrays(source: Source) -> dict[str, np.ndarray]:
     }
     if source.slides is not None:
         arrays["slides"] = source.slides.astype(str)
+    coords = getattr(source, "coords", None)  # level-0 (x, y) per patch: extracted patches
+    if coords is not None:
+        arrays["coords"] = np.asarray(coords, np.int64).reshape(-1, 2)
     return arrays
 
 
@@ -155,8 +158,45 @@ def pack(
         HistodetectError: when ``out`` holds something else.
     """
     t0 = time.perf_counter()
+    source = open_source(data, skip_bad=skip_bad, valid_fraction=valid_fraction, seed=seed)
+    if source.kind == "store":
+        raise HistodetectError(f"{data}: is already a packed store; nothing to pack.")
+    return pack_source(
+        source,
+        out,
+        skip_bad=skip_bad,
+        workers=workers,
+        chunk_rows=chunk_rows,
+        progress=progress,
+        replace_stale=replace_stale,
+        started=t0,
+    )
+
+
+def pack_source(
+    source: Source,
+    out: str | Path,
+    *,
+    skip_bad: bool = False,
+    workers: int | None = None,
+    chunk_rows: int = 1024,
+    progress: bool = True,
+    replace_stale: bool = False,
+    started: float | None = None,
+) -> PackResult:
+    """Pack an opened ``Source`` (ids, labels, splits, slides, coords) into a store at ``out``.
+
+    What :func:`pack` does once it has opened DATA; also used for sources that are not a
+    folder layout (patches extracted from slides). Resumable in the same way.
+
+    Args:
+        source: The patches; it must be picklable when ``workers`` > 1.
+        out, skip_bad, workers, chunk_rows, progress, replace_stale: As for :func:`pack`.
+        started: ``time.perf_counter()`` when the work began (default: now).
+    """
+    t0 = time.perf_counter() if started is None else started
     out = Path(out)
-    plan = _make_plan(data, skip_bad, valid_fraction, seed, chunk_rows)
+    plan = _make_plan(source, chunk_rows)
     if replace_stale and out.exists() and _fingerprint_in(out) not in (None, plan.fingerprint):
         shutil.rmtree(out)
     if (out / MANIFEST).exists():
@@ -165,7 +205,7 @@ def pack(
     # A chunk that had bad patches is redone: the user may have fixed the files since.
     committed = {k: rec for k, rec in _read_log(out / LOG).items() if not rec["bad"]}
     results, decoded = _decode_chunks(out, plan, committed, workers, progress)
-    bad_rows = _bad_rows(results, data, skip_bad)
+    bad_rows = _bad_rows(results, source.path, skip_bad)
     manifest = _write_store(out, plan, results, bad_rows)
     result = PackResult(
         str(out),
@@ -180,13 +220,8 @@ def pack(
     return result
 
 
-def _make_plan(
-    data: str | Path, skip_bad: bool, valid_fraction: float, seed: int, chunk_rows: int
-) -> _Plan:
-    """Open DATA and fingerprint what it would pack into (ids, labels, splits, where from)."""
-    source = open_source(data, skip_bad=skip_bad, valid_fraction=valid_fraction, seed=seed)
-    if source.kind == "store":
-        raise HistodetectError(f"{data}: is already a packed store; nothing to pack.")
+def _make_plan(source: Source, chunk_rows: int) -> _Plan:
+    """Fingerprint what ``source`` would pack into (ids, labels, splits, where from)."""
     arrays = _plan_arrays(source)
     fingerprint = hashlib.sha256(
         index_bytes(arrays) + f"{source.kind}:{Path(source.path).resolve()}".encode()
@@ -355,6 +390,7 @@ def _write_store(
         "skipped": len(all_problems),
         "counts": kept_source.counts(),
         "has_slides": source.slides is not None,
+        "has_coords": "coords" in index,
         "checksums": {
             "algorithm": "sha256",
             "chunk_rows": plan.chunk_rows,

@@ -23,9 +23,14 @@ from histodetect.errors import BadInputError, HistodetectError, describe_problem
 
 @dataclass
 class KaggleSource(Source):
-    """Kaggle layout: ``train/<id>.tif`` + ``train_labels.csv``, optional ``test/``."""
+    """Kaggle layout: ``train/<id>.tif`` + ``train_labels.csv``, optional ``test/``.
+
+    An optional ``meta.csv`` (``id,slide,x,y``, as `histodetect extract` writes; PCam's
+    ``wsi``/``coord_x``/``coord_y`` names work too) gives slide ids and level-0 coordinates.
+    """
 
     files: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
+    coords: np.ndarray | None = None
 
     def where(self, i: int) -> str:
         return str(self.files[i])
@@ -77,6 +82,46 @@ def _read_id_label_csv(
     except UnicodeDecodeError:
         raise HistodetectError(f"{path}: not a text csv file (cannot decode as UTF-8).") from None
     return rows, rejected
+
+
+META_CSV = "meta.csv"
+_META_COLUMNS = {"slide": ("slide", "wsi"), "x": ("x", "coord_x"), "y": ("y", "coord_y")}
+
+
+def _read_meta_csv(path: Path, problems: list[tuple[str, str]]) -> dict[str, tuple[str, int, int]]:
+    """``id → (slide, x, y)`` from a meta csv; coordinates are -1 when it has no such columns.
+
+    Columns are found by name (``slide`` or PCam's ``wsi``; ``x``/``coord_x``, ``y``/
+    ``coord_y``); a row whose coordinate is not an integer is recorded in ``problems``.
+    """
+    out: dict[str, tuple[str, int, int]] = {}
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as fh:
+            reader = csv.reader(fh)
+            header = [h.strip().lower() for h in next(reader, None) or []]
+            at = {
+                key: next((header.index(n) for n in names if n in header), None)
+                for key, names in _META_COLUMNS.items()
+            }
+            if "id" not in header or at["slide"] is None:
+                raise HistodetectError(
+                    f"{path}: needs an 'id' and a 'slide' (or 'wsi') column; found "
+                    f"{','.join(header) or 'an empty file'!r}."
+                )
+            at_id = header.index("id")
+            for lineno, row in enumerate(reader, start=2):
+                if not row or not "".join(row).strip():
+                    continue
+                try:
+                    cells = [row[at_id], row[at["slide"]]]
+                    xy = [int(row[at[k]]) if at[k] is not None else -1 for k in ("x", "y")]
+                except (IndexError, ValueError):
+                    problems.append((f"{path.name} line {lineno}", f"bad row {row}"))
+                    continue
+                out[cells[0].strip()] = (cells[1].strip(), xy[0], xy[1])
+    except UnicodeDecodeError:
+        raise HistodetectError(f"{path}: not a text csv file (cannot decode as UTF-8).") from None
+    return out
 
 
 def _list_patches(folder: Path) -> dict[str, Path]:
@@ -141,6 +186,7 @@ def open_kaggle(
         else:
             order = sorted(files)
         entries.extend((pid, files[pid], UNLABELLED, "test") for pid in order)
+    meta = _read_meta_csv(root / META_CSV, problems) if (root / META_CSV).is_file() else None
     if problems and not skip_bad:
         raise BadInputError(
             f"{root}: {len(problems)} problem(s) in the Kaggle folder; fix them or pass "
@@ -153,7 +199,14 @@ def open_kaggle(
     labels = np.array([e[2] for e in entries], dtype=np.int8)
     splits = np.array([e[3] for e in entries], dtype="<U5")
     train = splits == "train"
-    splits[train] = split_indices(labels[train], None, valid_fraction, seed)
+    slides = coords = None
+    if meta is not None:
+        # A patch missing from meta.csv is its own group: it can go either way, alone.
+        rows = [meta.get(e[0], (e[0], -1, -1)) for e in entries]
+        slides = np.array([r[0] for r in rows], dtype=object)
+        coords = np.array([r[1:] for r in rows], dtype=np.int64).reshape(-1, 2)
+    groups = slides[train] if slides is not None else None
+    splits[train] = split_indices(labels[train], groups, valid_fraction, seed)
     return KaggleSource(
         kind="kaggle",
         path=root,
@@ -163,6 +216,8 @@ def open_kaggle(
         synthetic=(root / "SYNTHETIC.md").exists(),
         problems=problems,
         files=np.array([e[1] for e in entries], dtype=object),
+        slides=slides,
+        coords=coords,
     )
 
 

@@ -37,11 +37,16 @@ def index_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 @dataclass
 class Store(Source):
-    """A packed store opened read-only; ``images`` is a memory map of every packed row."""
+    """A packed store opened read-only; ``images`` is a memory map of every packed row.
+
+    ``coords`` holds each patch's level-0 (x, y) on its slide (top-left corner) for patches
+    extracted from slides (`histodetect extract`); None for stores packed without them.
+    """
 
     images: np.ndarray = field(default_factory=lambda: np.zeros((0, 96, 96, 3), np.uint8))
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     manifest: dict = field(default_factory=dict)
+    coords: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -137,4 +142,5 @@ def open_store(path: str | Path, verify: bool = True) -> Store:
         images=images,
         rows=index["rows"],
         manifest=manifest,
+        coords=index["coords"] if "coords" in index.files else None,
     )

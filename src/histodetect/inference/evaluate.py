@@ -77,10 +77,16 @@ def bootstrap_intervals(
         for key, value in point_metrics(y[idx], p[idx], threshold).items():
             draws.setdefault(key, []).append(value)
     alpha = (1 - level) / 2
-    return {
-        key: (float(np.nanquantile(v, alpha)), float(np.nanquantile(v, 1 - alpha)))
-        for key, v in draws.items()
-    }
+    out = {}
+    for key, values in draws.items():
+        v = np.asarray(values, dtype=np.float64)
+        v = v[np.isfinite(v)]  # e.g. precision when a resample predicts no positives
+        out[key] = (
+            (float(np.quantile(v, alpha)), float(np.quantile(v, 1 - alpha)))
+            if len(v)
+            else (float("nan"), float("nan"))
+        )
+    return out
 
 
 def youden_threshold(y: np.ndarray, p: np.ndarray) -> float:
@@ -138,6 +144,8 @@ class Evaluation:
     ece: float
     temperature: float | None
     synthetic: bool
+    thresholds_from: str = "the scored split"
+    notes: tuple[str, ...] = ()
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -151,6 +159,8 @@ class Evaluation:
             f"sensitivity {m['sensitivity']:.4f}, specificity {m['specificity']:.4f}, "
             f"F1 {m['f1']:.4f} at threshold {self.thresholds['run']:.3f}",
             f"  log-loss {m['log_loss']:.4f}, Brier {m['brier']:.4f}, ECE {self.ece:.4f}",
+            f"  thresholds and temperature chosen on {self.thresholds_from}",
+            *(f"  note: {n}" for n in self.notes),
         ]
         return "\n".join(lines)
 
@@ -165,19 +175,26 @@ def evaluate_probabilities(
     synthetic: bool = False,
     calibration: tuple[np.ndarray, np.ndarray] | None = None,
     target_sensitivity: float = 0.95,
+    thresholds_from: str = "the scored split",
+    choose: bool = True,
+    notes: tuple[str, ...] = (),
 ) -> Evaluation:
     """Metrics, intervals, thresholds and calibration for labels ``y`` and probabilities ``p``.
 
-    ``calibration`` is the (labels, probabilities) of the validation split: thresholds and the
-    temperature are chosen there, never on the data being scored.
+    ``calibration`` is the (labels, probabilities) of the run's own validation data (named by
+    ``thresholds_from``): thresholds and the temperature are chosen there, never on the data
+    being scored. Without it they are chosen on ``y``, ``p`` (when they are the validation
+    split), or, with ``choose`` False, only the run's own ``threshold`` is reported.
     """
     cy, cp = calibration if calibration is not None else (y, p)
-    chosen = {
-        "run": threshold,
-        "youden": youden_threshold(cy, cp),
-        f"sensitivity_{target_sensitivity:g}": sensitivity_threshold(cy, cp, target_sensitivity),
-    }
-    temperature = fit_temperature(cy, cp)
+    chosen = {"run": threshold}
+    temperature = None
+    if choose or calibration is not None:
+        chosen["youden"] = youden_threshold(cy, cp)
+        chosen[f"sensitivity_{target_sensitivity:g}"] = sensitivity_threshold(
+            cy, cp, target_sensitivity
+        )
+        temperature = fit_temperature(cy, cp)
     table, ece = calibration_bins(y, p)
     return Evaluation(
         split=split,
@@ -191,6 +208,8 @@ def evaluate_probabilities(
         ece=ece,
         temperature=temperature,
         synthetic=synthetic,
+        thresholds_from=thresholds_from,
+        notes=notes,
     )
 
 
@@ -247,46 +266,76 @@ def plot_evaluation(y: np.ndarray, p: np.ndarray, ev: Evaluation, out: Path, tit
 
 
 def evaluate(
-    run: str | Path,
+    runs: str | Path | list[str | Path],
     data: str | Path,
     split: str = "valid",
     tta: int = 1,
     n_boot: int = 1000,
     calibrate: bool = False,
+    weights: list[float] | None = None,
+    out: str | Path | None = None,
 ) -> Evaluation:
-    """Score a run folder on one split of DATA; writes ``metrics_<split>.json`` and a figure.
+    """Score a run (or an ensemble) on one split of DATA; writes ``metrics_<split>.json`` + figure.
 
-    Thresholds and the temperature are chosen on the validation split. With ``calibrate`` the
-    fitted temperature is stored in the run's ``model.json`` for later predictions.
+    Args:
+        runs: a run folder, an ensemble folder (from ``cv``), or several runs scored as their
+            weighted ensemble (as ``predict`` averages them).
+        data: Kaggle folder, PCam folder or store.
+        split: ``train``/``valid``/``test`` as the run saw them, or ``all``: every labelled
+            patch, e.g. of an external set the run never saw.
+        tta: dihedral views averaged.
+        n_boot: bootstrap resamples for the intervals.
+        calibrate: store the fitted temperature in the (single) run's ``model.json``.
+        weights: ensemble weights, one per run.
+        out: folder for the metrics and figure (default: the run folder; needed for several).
+
+    Thresholds and the temperature are chosen on the run's own validation data (the ensemble's
+    out-of-fold predictions after ``cv``), never on the data being scored.
     """
-    from histodetect.data.loaders import labelled_split, split_indices_of
+    from histodetect.data.loaders import labelled_split
     from histodetect.inference.predictor import MODEL_META, Predictor
+    from histodetect.inference.validation import own_validation, training_overlap
 
-    run = Path(run)
-    predictor = Predictor.from_run(run)
-    store, idx = labelled_split(run, data, split)
+    runs = [Path(r) for r in (runs if isinstance(runs, list) else [runs])]
+    if out is None and len(runs) > 1:
+        raise HistodetectError("several runs are scored as an ensemble: pass --out FOLDER.")
+    if calibrate and len(runs) > 1:
+        raise HistodetectError("--calibrate stores a temperature in one run; pass one run.")
+    out = Path(out) if out is not None else runs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    predictor = Predictor.from_runs(runs, weights)
+    store, idx = labelled_split(runs[0], data, split)
     p = predictor.predict_proba(store.read(idx), tta=tta)
     y = store.labels[idx].astype(np.int64)
-    calibration = None
+    calibration, source = (None, "the validation split scored here")
     if split != "valid":
-        vidx = split_indices_of(store, "valid")
-        if len(vidx):
-            vp = predictor.predict_proba(store.read(vidx), tta=tta)
-            calibration = (store.labels[vidx].astype(np.int64), vp)
+        calibration, source = own_validation(predictor, runs, store, tta)
     ev = evaluate_probabilities(
-        y, p, split, predictor.threshold, tta, n_boot, store.synthetic, calibration
+        y,
+        p,
+        split,
+        predictor.threshold,
+        tta,
+        n_boot,
+        store.synthetic,
+        calibration,
+        thresholds_from=source,
+        choose=split == "valid",
+        notes=training_overlap(runs, store, idx),
     )
-    write_atomic(run / f"metrics_{split}.json", json.dumps(asdict(ev), indent=2).encode())
-    title = f"{run.name} on {split} ({len(y)} patches, TTA x{tta})"
+    write_atomic(out / f"metrics_{split}.json", json.dumps(asdict(ev), indent=2).encode())
+    title = f"{out.name} on {split} ({len(y)} patches, TTA x{tta})"
     plot_evaluation(
         y,
         p,
         ev,
-        run / f"evaluation_{split}.png",
+        out / f"evaluation_{split}.png",
         title + (" SYNTHETIC DATA" if store.synthetic else ""),
     )
     if calibrate:
-        meta = json.loads((run / MODEL_META).read_text())
+        if ev.temperature is None:
+            raise HistodetectError(f"--calibrate: {ev.thresholds_from}; no temperature fitted.")
+        meta = json.loads((runs[0] / MODEL_META).read_text())
         meta["temperature"] = ev.temperature
-        write_atomic(run / MODEL_META, json.dumps(meta, indent=2).encode())
+        write_atomic(runs[0] / MODEL_META, json.dumps(meta, indent=2).encode())
     return ev

@@ -6,6 +6,7 @@ import io
 import json
 import math
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -129,8 +130,6 @@ def gradcam(
         float32 array (N, H, W) in [0, 1]; 1 marks the strongest evidence for tumour within
         each patch, and an all-zero map means no region pushed the prediction towards tumour.
     """
-    from captum.attr import LayerAttribution, LayerGradCam
-
     images = _check_images(images)
     n, height, width = images.shape[:3]
     model = predictor.model.eval()
@@ -138,23 +137,52 @@ def gradcam(
     if predictor.crop < min(height, width):  # as data.centre_crop: only when smaller
         crop_h = crop_w = predictor.crop
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
-    layer = layer if layer is not None else target_layer(model, min(crop_h, crop_w))
-    cam = LayerGradCam(lambda x: model(x).unsqueeze(1), layer)
+    explainers = _explainers(model, layer, min(crop_h, crop_w))
     mean, std = predictor.meta["mean"], predictor.meta["std"]
     out = np.zeros((n, height, width), np.float32)
     for start in range(0, n, batch_size):
         batch = images[start : start + batch_size].to(predictor.device)
         x = to_model_input(batch, mean, std, predictor.channels_last, predictor.crop)
-        with torch.enable_grad():
-            attr = cam.attribute(x, target=0, relu_attributions=True)
-        up = LayerAttribution.interpolate(attr.detach().float(), (crop_h, crop_w), "bilinear")
-        up = up[:, 0].clamp_min(0)
-        peak = up.amax(dim=(1, 2), keepdim=True)
-        up = torch.where(peak > 0, up / peak.clamp_min(1e-12), torch.zeros_like(up))
-        out[start : start + len(batch), top : top + crop_h, left : left + crop_w] = (
-            up.clamp(0, 1).cpu().numpy()
-        )
+        # An ensemble's map is its members' maps, each scaled to 1, averaged with its weights.
+        up = sum(w * _cam(cam, x, (crop_h, crop_w)) for w, cam in explainers)
+        out[start : start + len(batch), top : top + crop_h, left : left + crop_w] = _unit(up)
     return out
+
+
+def _explainers(model: nn.Module, layer: nn.Module | None, size: int) -> list[tuple[float, Any]]:
+    """(weight, captum LayerGradCam) per model: one for a classifier, one per ensemble member."""
+    from captum.attr import LayerGradCam
+
+    members = getattr(model, "members", None)
+    if members is None:
+        layer = layer if layer is not None else target_layer(model, size)
+        return [(1.0, LayerGradCam(lambda x: model(x).unsqueeze(1), layer))]
+    return [
+        (
+            float(model.weights[i]),
+            LayerGradCam(
+                lambda x, i=i: model.member_logits(i, x).unsqueeze(1), target_layer(m, size)
+            ),
+        )
+        for i, m in enumerate(members)
+    ]
+
+
+def _cam(cam: Any, x: torch.Tensor, size: tuple[int, int]) -> np.ndarray:
+    """One explainer's ReLU'd Grad-CAM, upsampled to ``size`` and scaled to a maximum of 1."""
+    from captum.attr import LayerAttribution
+
+    with torch.enable_grad():
+        attr = cam.attribute(x, target=0, relu_attributions=True)
+    up = LayerAttribution.interpolate(attr.detach().float(), size, "bilinear")
+    return _unit(up[:, 0].clamp_min(0).cpu().numpy())
+
+
+def _unit(maps: np.ndarray) -> np.ndarray:
+    """Each map divided by its maximum (all-zero maps stay zero), clipped to [0, 1]."""
+    peak = maps.max(axis=(1, 2), keepdims=True)
+    scaled = np.divide(maps, peak, out=np.zeros_like(maps), where=peak > 0)
+    return np.clip(scaled, 0, 1).astype(np.float32)
 
 
 def overlay(

@@ -41,25 +41,66 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run: str | Path, device: str = "auto") -> Predictor:
-        """Load ``RUN/model.json`` + ``RUN/model.safetensors`` (safetensors only: no pickle)."""
-        run = Path(run)
-        try:
-            meta = json.loads((run / MODEL_META).read_text())
-        except FileNotFoundError:
-            raise HistodetectError(
-                f"{run}: no {MODEL_META}; not a finished training run folder."
-            ) from None
-        from safetensors.torch import load_file
+        """Load a run folder, or an ensemble folder (``model.json`` naming member runs).
 
-        weights = run / MODEL_FILE
-        if not weights.exists():
-            raise HistodetectError(f"{run}: no {MODEL_FILE}; the run did not finish exporting.")
-        model = build_model(meta["arch"], dropout=meta.get("dropout", 0.0))
-        try:
-            model.load_state_dict(load_file(str(weights)))
-        except RuntimeError as exc:
-            raise HistodetectError(f"{weights}: does not match {meta['arch']} ({exc}).") from None
-        return cls(model, meta, device)
+        Weights are read from ``model.safetensors`` only: never a pickle.
+        """
+        run = Path(run)
+        meta = read_model_meta(run)
+        if "members" in meta:
+            members = [(run / m).resolve() for m in meta["members"]]
+            return cls.ensemble(members, meta.get("weights"), device, meta)
+        return cls(_load_classifier(run, meta), meta, device)
+
+    @classmethod
+    def from_runs(
+        cls, runs: list[str | Path], weights: list[float] | None = None, device: str = "auto"
+    ) -> Predictor:
+        """One run (or ensemble folder), or several runs as their (weighted) ensemble."""
+        if len(runs) == 1 and not weights:
+            return cls.from_run(runs[0], device)
+        return cls.ensemble([Path(r) for r in runs], weights, device)
+
+    @classmethod
+    def ensemble(
+        cls,
+        runs: list[Path],
+        weights: list[float] | None = None,
+        device: str = "auto",
+        meta: dict | None = None,
+    ) -> Predictor:
+        """Several runs as one predictor: the weighted mean of their probabilities.
+
+        Args:
+            runs: member run folders (an ensemble folder may itself be a member).
+            weights: one non-negative weight per run (default equal); normalised to sum 1.
+            device: where to run.
+            meta: an ensemble folder's ``model.json`` (its threshold and temperature), if any.
+        """
+        from histodetect.models.ensemble import EnsembleModel
+
+        w = np.asarray(weights if weights else [1.0] * len(runs), dtype=np.float64)
+        if len(w) != len(runs) or (w < 0).any() or w.sum() == 0:
+            raise HistodetectError("--weights needs one non-negative weight per run, not all zero.")
+        loaded = [cls.from_run(r, "cpu") for r in runs]
+        crops = {p.crop for p in loaded}
+        if len(crops) > 1:
+            raise HistodetectError(
+                f"ensemble members see different centre crops ({sorted(crops)} px); ensemble "
+                "runs trained with the same data.crop."
+            )
+        model = EnsembleModel(
+            [p.model for p in loaded],
+            (w / w.sum()).tolist(),
+            [(p.meta["mean"], p.meta["std"]) for p in loaded],
+            (loaded[0].meta["mean"], loaded[0].meta["std"]),
+            [p.temperature for p in loaded],
+        )
+        return cls(model, ensemble_meta(runs, loaded, w / w.sum(), meta or {}), device)
+
+    def weight_files(self) -> list[Path]:
+        """The safetensors files behind this predictor (one per member of an ensemble)."""
+        return [Path(f) for f in self.meta.get("weight_files", [])]
 
     @torch.inference_mode()
     def predict_proba(
@@ -89,6 +130,64 @@ class Predictor:
 
             out = apply_temperature(out, self.temperature).astype(np.float32)
         return out
+
+
+def read_model_meta(run: Path) -> dict:
+    """``RUN/model.json``, with a clear error when the folder is not a finished run."""
+    try:
+        meta = json.loads((run / MODEL_META).read_text())
+    except FileNotFoundError:
+        raise HistodetectError(
+            f"{run}: no {MODEL_META}; not a finished training run or ensemble folder."
+        ) from None
+    except (OSError, ValueError) as exc:
+        raise HistodetectError(f"{run / MODEL_META}: unreadable ({exc}).") from None
+    return meta
+
+
+def _load_classifier(run: Path, meta: dict) -> Classifier:
+    """The run's classifier from ``model.safetensors``; records the file in ``meta``."""
+    from safetensors.torch import load_file
+
+    weights = run / MODEL_FILE
+    if not weights.exists():
+        raise HistodetectError(f"{run}: no {MODEL_FILE}; the run did not finish exporting.")
+    model = build_model(meta["arch"], dropout=meta.get("dropout", 0.0))
+    try:
+        model.load_state_dict(load_file(str(weights)))
+    except RuntimeError as exc:
+        raise HistodetectError(f"{weights}: does not match {meta['arch']} ({exc}).") from None
+    meta["weight_files"] = [str(weights)]
+    return model
+
+
+def ensemble_meta(
+    runs: list[Path], loaded: list[Predictor], weights: np.ndarray, own: dict
+) -> dict:
+    """What an ensemble predictor knows of itself: members, weights, input and threshold.
+
+    The threshold is the ensemble folder's own (``cv`` writes the runs' 0.5), else the members'
+    thresholds averaged with the weights. ``validation`` (from ``cv``) names the out-of-fold
+    predictions on which ``evaluate`` chooses its other thresholds.
+    """
+    archs = sorted({str(p.meta.get("arch")) for p in loaded})
+    first = loaded[0].meta
+    meta = {
+        "format": "histodetect-ensemble",
+        "arch": f"ensemble of {len(loaded)} ({', '.join(archs)})",
+        "member_runs": [str(r) for r in runs],
+        "member_weights": [float(x) for x in weights],
+        "mean": first["mean"],
+        "std": first["std"],
+        "crop": loaded[0].crop,
+        "channels_last": all(p.channels_last for p in loaded),
+        "input_size": first.get("input_size", 96),
+        "threshold": float(sum(w * p.threshold for w, p in zip(weights, loaded, strict=True))),
+        "synthetic": any(bool(p.meta.get("synthetic")) for p in loaded),
+        "weight_files": [f for p in loaded for f in p.meta["weight_files"]],
+    }
+    meta.update({k: own[k] for k in ("threshold", "temperature", "validation") if k in own})
+    return meta
 
 
 @dataclass(frozen=True)
@@ -170,16 +269,15 @@ def _decode_batch(paths: list[Path]) -> tuple[np.ndarray, list[tuple[int, str]]]
 
 
 def predict_patches(
-    predictors: list[Predictor],
+    predictor: Predictor,
     patches: PatchList,
     tta: int = 1,
-    weights: list[float] | None = None,
     batch_size: int = 256,
     skip_bad: bool = False,
     fallback: float = 0.5,
     progress: bool = True,
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
-    """Mean (or weighted mean) probability of every patch over ``predictors``.
+    """Probability of every patch (an ensemble predictor averages its members).
 
     Files are decoded a batch ahead in worker threads while the models run, so memory holds a
     few batches, not the data set. Returns the probabilities and the list of unreadable patches,
@@ -190,10 +288,6 @@ def predict_patches(
     from tqdm.auto import tqdm
 
     n = len(patches.ids)
-    w = np.asarray(weights if weights else [1.0] * len(predictors), dtype=np.float64)
-    if len(w) != len(predictors) or (w < 0).any() or w.sum() == 0:
-        raise HistodetectError("--weights needs one non-negative weight per run, not all zero.")
-    w = w / w.sum()
     out = np.empty(n, np.float32)
     bad: list[tuple[str, str]] = []
     starts = list(range(0, n, batch_size))
@@ -219,10 +313,7 @@ def predict_patches(
                         f"rest (unreadable patches then get probability {fallback})."
                     )
                 bad.append((where, why))
-            probs = sum(
-                wi * pr.predict_proba(images, tta, batch_size)
-                for wi, pr in zip(w, predictors, strict=True)
-            )
+            probs = predictor.predict_proba(images, tta, batch_size)
             for row, _ in bad_rows:
                 probs[row] = fallback
             out[start : start + len(images)] = probs

@@ -122,8 +122,20 @@ class DenseCNN(nn.Module):
         return self.forward_features(x).mean((2, 3))
 
 
+def dense_stride(model: nn.Module) -> int:
+    """Pixels between neighbouring dense outputs (0 when the model has no dense stride)."""
+    members = getattr(model, "members", None)
+    if members is not None:  # an ensemble maps densely only when all members agree
+        strides = {dense_stride(m) for m in members}
+        return strides.pop() if len(strides) == 1 else 0
+    return int(getattr(getattr(model, "backbone", None), "dense_stride", 0))
+
+
 def dense_capable(model: nn.Module) -> bool:
-    """True when ``model`` (a Classifier) can compute exact dense maps: padding-free, strided."""
+    """True when ``model`` (a Classifier or ensemble) can compute exact dense maps."""
+    members = getattr(model, "members", None)
+    if members is not None:
+        return dense_stride(model) > 0 and all(dense_capable(m) for m in members)
     backbone = getattr(model, "backbone", None)
     if backbone is None or not hasattr(backbone, "dense_stride"):
         return False
@@ -136,15 +148,21 @@ def dense_capable(model: nn.Module) -> bool:
     return True
 
 
-def patch_feature_size(model: nn.Module, crop: int) -> int:
-    """Side of the feature map one ``crop`` px patch produces (1 for smallfcn at 96 px)."""
+def patch_feature_size(model: nn.Module, crop: int) -> int | tuple[int, ...]:
+    """Side of the feature map one ``crop`` px patch produces (1 for smallfcn at 96 px).
+
+    For an ensemble, one side per member.
+    """
+    members = getattr(model, "members", None)
+    if members is not None:
+        return tuple(int(patch_feature_size(m, crop)) for m in members)
     param = next(model.parameters())
     with torch.inference_mode():
         x = torch.zeros(1, 3, crop, crop, device=param.device, dtype=param.dtype)
         return int(model.backbone.forward_features(x).shape[-1])
 
 
-def dense_logits(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
+def dense_logits(model: nn.Module, x: torch.Tensor, k: int | tuple[int, ...]) -> torch.Tensor:
     """Logits at every patch position of a normalised tile batch, at the backbone's stride.
 
     Args:
@@ -155,8 +173,18 @@ def dense_logits(model: nn.Module, x: torch.Tensor, k: int) -> torch.Tensor:
 
     Returns:
         (N, H', W') logits; entry (i, j) is the logit of the patch whose top-left corner is at
-        ``(i * stride, j * stride)`` in the tile.
+        ``(i * stride, j * stride)`` in the tile. An ensemble's members are mapped one by one
+        and combined as its forward pass combines them.
     """
+    members = getattr(model, "members", None)
+    if members is not None:
+        ks = k if isinstance(k, tuple) else (k,) * len(members)
+        return model.combine(
+            [
+                dense_logits(m, model.member_input(i, x), ks[i]) / model.temperature[i]
+                for i, m in enumerate(members)
+            ]
+        )
     feats = model.backbone.forward_features(x)
     if k > 1:
         feats = F.avg_pool2d(feats, k, stride=1)

@@ -253,6 +253,34 @@ def _section_training(run: Path, training: dict | None, config: dict | None) -> 
     return parts
 
 
+def _section_cross_validation(run: Path, model: dict) -> list[str]:
+    """An ensemble's members and, after ``cv``, each fold's AUC, OOF AUC and the holdout."""
+    parts = ['<h2 id="training">Cross-validation ensemble</h2>']
+    members = ", ".join(_esc(m) for m in model.get("members", []))
+    parts.append(f"<p>The mean probability of {len(model.get('members', []))} runs: {members}.</p>")
+    cv = _read_json(run.parent / "cv_metrics.json")
+    if not cv:
+        return [*parts, _missing("cv_metrics.json is missing beside the ensemble folder.")]
+    rows = [
+        [f"fold {f['fold']}", _num(f["auc"]), _num(f["n_valid"]), _num(f["optimizer_steps"])]
+        for f in cv["folds"]
+    ]
+    parts.append(_table(["", "out-of-fold ROC AUC", "patches", "optimiser steps"], rows))
+    parts.append(
+        f"<p>Folds {_esc(cv['grouping'])}. Fold AUC mean ± std {_num(cv['mean_auc'])} ± "
+        f"{_num(cv['std_auc'])}; all out-of-fold predictions together: ROC AUC "
+        f"{_num(cv['oof_auc'])} (95% CI {_interval(cv['oof_interval'])}).</p>"
+    )
+    rows = [
+        [f"TTA x{h['tta']}", _num(h["ensemble"]), _num(max(h["folds"].values())), _num(h["n"])]
+        for h in cv.get("holdout", [])
+    ]
+    if rows:
+        header = ["held out of every fold", "ensemble ROC AUC", "best single fold", "patches"]
+        parts.append(_table(header, rows))
+    return parts
+
+
 def _config_summary(config: dict) -> str:
     model, train, data = (config.get(k, {}) for k in ("model", "train", "data"))
     bits = [
@@ -505,7 +533,11 @@ def render_report(run: str | Path) -> str:
         "</head><body><main>",
         *_section_header(run, model, synthetic, evals),
         *_section_data(data),
-        *_section_training(run, _read_json(run / "metrics.json"), config),
+        *(
+            _section_cross_validation(run, model)
+            if "members" in model
+            else _section_training(run, _read_json(run / "metrics.json"), config)
+        ),
         *_section_evaluation(run, evals),
         *_section_explain(run, explain),
         *_section_config(run),
@@ -537,14 +569,16 @@ def build_report(run: str | Path, data: str | Path | None = None) -> Path:
     if not (run / "model.json").exists():
         raise HistodetectError(f"{run}: no model.json; not a finished training run folder.")
     if data is not None:
+        # A cv ensemble trained on every fold: the rows held out of all folds are its test.
+        split = "test" if "members" in (_read_json(run / "model.json") or {}) else "valid"
         if not _eval_splits(run):
             from histodetect.inference.evaluate import evaluate
 
-            evaluate(run, data)
+            evaluate(run, data, split)
         if not (run / EXPLAIN_DIR / "explain.json").exists():
             from histodetect.inference.explain import explain_run
 
-            explain_run(run, data, run / EXPLAIN_DIR)
+            explain_run(run, data, run / EXPLAIN_DIR, split)
     out = run / REPORT_FILE
     write_atomic(out, render_report(run).encode("utf-8"))
     return out

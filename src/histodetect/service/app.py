@@ -42,7 +42,10 @@ def model_description(run: Path, predictor: Predictor) -> dict:
     from histodetect.inference.predictor import MODEL_FILE
 
     meta = predictor.meta
-    digest = hashlib.sha256((run / MODEL_FILE).read_bytes()).hexdigest()
+    hasher = hashlib.sha256()
+    for path in predictor.weight_files() or [run / MODEL_FILE]:  # every member of an ensemble
+        hasher.update(path.read_bytes())
+    digest = hasher.hexdigest()
     data: dict[str, Any] = {"fingerprint": meta.get("data")}
     if (run / "data.json").exists():
         d = json.loads((run / "data.json").read_text())

@@ -91,11 +91,14 @@ def job_key(path: Path, run: Path, opts: SlideOptions) -> str:
         file_id = [str(path.resolve()), st.st_size, st.st_mtime_ns]
     except OSError:
         file_id = [str(path.resolve()), None, None]
-    try:
-        mt = (run / "model.safetensors").stat()
-        model_id = [str(run.resolve()), mt.st_size, mt.st_mtime_ns]
-    except OSError:
-        model_id = [str(run), None, None]
+    # model.json names an ensemble's members; model.safetensors holds a run's weights.
+    model_id: list = [str(run.resolve())]
+    for name in ("model.json", "model.safetensors"):
+        try:
+            mt = (run / name).stat()
+            model_id += [mt.st_size, mt.st_mtime_ns]
+        except OSError:
+            model_id += [None, None]
     blob = json.dumps([file_id, model_id, asdict(opts)], sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:16]
 

@@ -16,7 +16,13 @@ from histodetect.data.transforms import dihedral, to_model_input
 from histodetect.errors import HistodetectError
 from histodetect.inference.calibration import apply_temperature
 from histodetect.inference.predictor import Predictor
-from histodetect.models.dense import DENSE_ARCH, dense_capable, dense_logits, patch_feature_size
+from histodetect.models.dense import (
+    DENSE_ARCH,
+    dense_capable,
+    dense_logits,
+    dense_stride,
+    patch_feature_size,
+)
 from histodetect.slides.tissue import in_focus
 
 TILE_CELLS = 32  # cells per inference tile side: 1088 px at stride 32, ~150 MB peak in dense mode
@@ -29,7 +35,7 @@ def resolve_mode(predictor: Predictor, stride: int, mode: str) -> str:
     if mode == "patch":
         return mode
     capable = dense_capable(predictor.model)
-    step = getattr(predictor.model.backbone, "dense_stride", 0)
+    step = dense_stride(predictor.model)
     fits = capable and stride % step == 0
     if mode == "dense" and not fits:
         why = (
@@ -164,7 +170,7 @@ def predict_cells(
         if not len(rr):
             continue  # every tissue window of the tile is out of focus
         if mode == "dense":
-            step = stride // predictor.model.backbone.dense_stride
+            step = stride // dense_stride(predictor.model)
             out = dense_proba(predictor, pixels, tta, step)
             prob[rr + r0, cc + c0] = out[rr, cc]
         else:

@@ -8,7 +8,8 @@ from pathlib import Path
 import lightning as L
 
 from histodetect.config import RunConfig, merge, to_dict
-from histodetect.data.loaders import ensure_store, split_indices_of
+from histodetect.data.folds import run_rows
+from histodetect.data.loaders import ensure_store
 from histodetect.training.datamodule import PatchDataModule
 from histodetect.training.module import PatchModule
 
@@ -29,7 +30,7 @@ def lr_find(
 
     cfg = cfg or RunConfig()
     store = ensure_store(data, valid_fraction=cfg.data.valid_fraction, seed=cfg.data.split_seed)
-    train_idx, valid_idx = split_indices_of(store, "train"), split_indices_of(store, "valid")
+    train_idx, valid_idx = run_rows(store, cfg.data, "train"), run_rows(store, cfg.data, "valid")
     L.seed_everything(cfg.seed, workers=True, verbose=False)
     module = PatchModule(to_dict(merge(cfg, {"train": {"schedule": "none"}})))
     datamodule = PatchDataModule(store, train_idx, valid_idx, cfg.data.batch_size, cfg.seed)

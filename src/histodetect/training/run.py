@@ -14,7 +14,8 @@ import numpy as np
 import torch
 
 from histodetect.config import RunConfig, load_config, to_dict
-from histodetect.data.loaders import ensure_store, split_indices_of, stratified_subset
+from histodetect.data.folds import run_rows
+from histodetect.data.loaders import ensure_store, stratified_subset
 from histodetect.data.store import Store
 from histodetect.errors import HistodetectError
 from histodetect.files import write_atomic
@@ -132,12 +133,13 @@ def _open_data(
 ) -> tuple[Store, np.ndarray, np.ndarray]:
     """The packed store (packing DATA into the cache if needed), training and validation rows.
 
-    The training rows are the configured stratified subset (``data.limit_train``).
+    The rows are the store's splits, or a cross-validation fold's (``data.folds``); the
+    training rows are the configured stratified subset (``data.limit_train``).
     """
     store = ensure_store(
         data, progress=progress, valid_fraction=cfg.data.valid_fraction, seed=cfg.data.split_seed
     )
-    train_idx, valid_idx = split_indices_of(store, "train"), split_indices_of(store, "valid")
+    train_idx, valid_idx = run_rows(store, cfg.data, "train"), run_rows(store, cfg.data, "valid")
     if len(train_idx) == 0 or len(valid_idx) == 0:
         raise HistodetectError(
             f"{store.path}: needs labelled 'train' and 'valid' patches (has {store.counts()})."

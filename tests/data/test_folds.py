@@ -62,3 +62,21 @@ def test_a_groups_file_supplies_slide_ids_and_names_what_it_lacks(tmp_path):
         assign_folds(np.array([0, 1, 0, 1]), np.array(["s1", "s1", "s2", "s2"]), 5)
     with pytest.raises(HistodetectError, match="--split must be one of"):
         run_rows(_store(), DataConfig(), "holdout")
+
+
+def test_with_a_groups_file_the_holdout_shares_no_slide_with_any_fold(tmp_path):
+    store = _store(slides=False)
+    path = tmp_path / "groups.csv"
+    path.write_text("id,group\n" + "".join(f"p{i},s{i % 20}\n" for i in range(len(store))))
+    cfg = replace(DataConfig(), folds=3, groups=str(path))
+    slides = read_groups(path, store.ids)
+    held_out = set(slides[run_rows(store, cfg, "test")])
+    assert held_out and not held_out & set(slides[run_rows(store, cfg, "train")])
+    for k in range(3):
+        assert not held_out & set(slides[run_rows(store, replace(cfg, fold=k), "valid")])
+
+
+def test_an_ensemble_has_no_validation_split_and_says_which_split_to_use():
+    cfg = replace(DataConfig(), folds=3, fold=-1)
+    with pytest.raises(HistodetectError, match="use --split test"):
+        run_rows(_store(), cfg, "valid")

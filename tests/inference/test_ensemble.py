@@ -143,3 +143,19 @@ def test_the_service_serves_an_ensemble_folder(two_runs, tmp_path):
         got = client.post("/v1/predict", files=[("files", ("p.tif", buf.getvalue()))]).json()
     want = Predictor.from_run(folder, "cpu").predict_proba(patch[None])[0]
     assert got["results"][0]["probability"] == pytest.approx(float(want), abs=1e-5)
+
+
+def test_calibrating_twice_keeps_the_temperature(two_runs, kaggle_dir):
+    from histodetect.inference.evaluate import evaluate
+
+    data = kaggle_dir(n=60)
+    run = two_runs[0]
+    evaluate(run, data, "all", n_boot=10)  # no validation data recorded: nothing to fit on
+    first = evaluate(run, data, "valid", n_boot=10, calibrate=True).temperature
+    stored = json.loads((run / "model.json").read_text())["temperature"]
+    evaluate(run, data, "valid", n_boot=10, calibrate=True)
+    again = json.loads((run / "model.json").read_text())["temperature"]
+    # An untrained model's log-loss is nearly flat in T, so the refit wanders by a few per cent;
+    # fitting on already-calibrated probabilities without composing would give T = 1 instead.
+    assert stored == pytest.approx(first) and first > 2
+    assert again == pytest.approx(stored, rel=0.1)

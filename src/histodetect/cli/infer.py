@@ -134,7 +134,12 @@ def _explain_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--out", required=True, type=Path, help="folder (with --data) or PNG file (with --image)"
     )
-    p.add_argument("--split", default="valid", help="valid (default) or test")
+    p.add_argument(
+        "--split",
+        default="valid",
+        choices=["valid", "test", "train", "all"],
+        help="valid (default); test for a cv ensemble (the patches held out of all folds)",
+    )
     p.add_argument("--n", type=int, default=16, help="patches per gallery (default 16)")
     p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
 

@@ -218,10 +218,10 @@ def _extract_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--list", type=Path, help="text file of slide paths, one a line")
     p.add_argument(
         "--annotations",
-        required=True,
         type=Path,
         help="folder of annotations matched by slide name: ASAP .xml, QuPath .geojson, "
-        "*_Mask.tif; a slide without one gives negatives only",
+        "*_Mask.tif; a slide without one (or every slide, without this option) gives "
+        "negatives only",
     )
     p.add_argument("--out", required=True, type=Path, help="DATA folder to create (or resume)")
     p.add_argument(

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
+from histodetect.data.source import split_indices
 from histodetect.data.store import Store
 from histodetect.errors import HistodetectError
 
@@ -81,13 +82,32 @@ def store_groups(store: Store, groups_file: str | Path | None) -> np.ndarray | N
     return None
 
 
+def _pool_and_holdout(store: Store, data_cfg, groups: np.ndarray | None) -> np.ndarray:
+    """Which rows the folds share out (True) and which are held out of all of them (False).
+
+    The store's own train/valid split, unless slide ids come from a groups file: the store was
+    split without them, so the holdout is drawn again by slide (with the same settings) and no
+    slide is both held out and in a fold.
+    """
+    labelled = store.labels >= 0
+    if store.slides is not None or groups is None:
+        return labelled & (store.splits == "train")
+    rows = np.flatnonzero(labelled & (store.splits != "test"))
+    split = split_indices(
+        store.labels[rows], groups[rows], data_cfg.valid_fraction, data_cfg.split_seed
+    )
+    pool = np.zeros(len(store), bool)
+    pool[rows[split == "train"]] = True
+    return pool
+
+
 def run_rows(store: Store, data_cfg, split: str) -> np.ndarray:
     """Rows of ``split`` (train, valid, test or all) for a run with data config ``data_cfg``.
 
     Without folds these are the store's own splits. With ``data_cfg.folds`` = K, the store's
     ``train`` rows are cut into K folds: fold ``data_cfg.fold`` validates and the others train
-    (fold -1, an ensemble, trains on all); the store's other rows (its ``valid`` and ``test``
-    splits) are held out of every fold and form ``test``.
+    (fold -1, an ensemble, trains on all and has no validation split); the store's other rows
+    (its ``valid`` and ``test`` splits) are held out of every fold and form ``test``.
     """
     if split not in SPLITS:
         raise HistodetectError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}.")
@@ -96,10 +116,16 @@ def run_rows(store: Store, data_cfg, split: str) -> np.ndarray:
     folds = getattr(data_cfg, "folds", 0)
     if not folds:
         return np.flatnonzero(store.splits == split)
-    pool = np.flatnonzero((store.splits == "train") & (store.labels >= 0))
-    if split == "test":
-        return np.flatnonzero(store.splits != "train")
+    if split == "valid" and data_cfg.fold == ALL_FOLDS:
+        raise HistodetectError(
+            "a cross-validation ensemble trained on every fold, so it has no validation split: "
+            "use --split test (the patches held out of all folds) or --split all."
+        )
     groups = store_groups(store, data_cfg.groups)
+    in_pool = _pool_and_holdout(store, data_cfg, groups)
+    if split == "test":
+        return np.flatnonzero(~in_pool)
+    pool = np.flatnonzero(in_pool)
     fold_of = assign_folds(
         store.labels[pool], None if groups is None else groups[pool], folds, data_cfg.split_seed
     )

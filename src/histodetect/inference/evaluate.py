@@ -321,7 +321,7 @@ def evaluate(
         calibration,
         thresholds_from=source,
         choose=split == "valid",
-        notes=training_overlap(runs, store, idx),
+        notes=training_overlap(runs, store, idx, split),
     )
     write_atomic(out / f"metrics_{split}.json", json.dumps(asdict(ev), indent=2).encode())
     title = f"{out.name} on {split} ({len(y)} patches, TTA x{tta})"
@@ -336,6 +336,7 @@ def evaluate(
         if ev.temperature is None:
             raise HistodetectError(f"--calibrate: {ev.thresholds_from}; no temperature fitted.")
         meta = json.loads((runs[0] / MODEL_META).read_text())
-        meta["temperature"] = ev.temperature
+        # Fitted on probabilities that already carry the stored temperature: the two compose.
+        meta["temperature"] = ev.temperature * predictor.temperature
         write_atomic(runs[0] / MODEL_META, json.dumps(meta, indent=2).encode())
     return ev

@@ -145,6 +145,18 @@ def read_model_meta(run: Path) -> dict:
     return meta
 
 
+def model_files(run: Path) -> list[Path]:
+    """The files a run's predictions depend on: ``model.json`` and the weights, for an ensemble
+    those of every member too (what a cache of its outputs must watch)."""
+    run = Path(run)
+    files = [run / MODEL_META, run / MODEL_FILE]
+    try:
+        members = json.loads((run / MODEL_META).read_text()).get("members", [])
+    except (OSError, ValueError):
+        return files
+    return files + [f for m in members for f in model_files((run / m).resolve())]
+
+
 def _load_classifier(run: Path, meta: dict) -> Classifier:
     """The run's classifier from ``model.safetensors``; records the file in ``meta``."""
     from safetensors.torch import load_file

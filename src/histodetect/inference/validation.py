@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 
-from histodetect.data.folds import run_rows
+from histodetect.data.folds import ALL_FOLDS, run_rows
 from histodetect.data.loaders import run_data_config
 from histodetect.data.store import Store, open_store
 from histodetect.errors import HistodetectError
+from histodetect.inference.calibration import apply_temperature
 from histodetect.inference.predictor import Predictor
 
 OOF_FILE = "oof.csv"
@@ -66,7 +67,12 @@ def own_validation(
     if "validation" in predictor.meta:
         path = Path(os.path.normpath(runs[0] / predictor.meta["validation"]))
         y, p = read_oof(path)
-        return (y, p), f"its cross-validation's out-of-fold predictions ({path}, {len(y)} patches)"
+        if predictor.temperature != 1.0:  # scored probabilities carry it: so must these
+            p = apply_temperature(p, predictor.temperature)
+        return (y, p), (
+            f"its cross-validation's out-of-fold predictions ({path}, {len(y)} patches; each "
+            "from a single fold model at TTA 1, so less smoothed than the ensemble's)"
+        )
     keys = {_split_key(r) for r in runs}
     if len(keys) > 1:
         return None, "nothing: the runs were validated on different patches (only their threshold)"
@@ -83,16 +89,27 @@ def own_validation(
     )
 
 
-def training_overlap(runs: list[Path], store: Store, idx: np.ndarray) -> tuple[str, ...]:
-    """Notes naming scored patches a run was trained on (its score is then optimistic)."""
+def training_overlap(
+    runs: list[Path], store: Store, idx: np.ndarray, split: str
+) -> tuple[str, ...]:
+    """Notes on scored patches a run trained on (the score is then optimistic) or, scoring
+    another split than ``valid``, chose its thresholds on."""
     notes = []
     for run in runs:
         if _fingerprint(run) != store.manifest.get("fingerprint"):
             continue
-        seen = np.intersect1d(run_rows(store, run_data_config(run), "train"), idx)
+        cfg = run_data_config(run)
+        seen = np.intersect1d(run_rows(store, cfg, "train"), idx)
         if len(seen):
             notes.append(
                 f"{len(seen)} of the {len(idx)} scored patches were in {run.name}'s training "
                 "data: this score is optimistic."
             )
+        if split != "valid" and not (cfg.folds and cfg.fold == ALL_FOLDS):
+            chose = np.intersect1d(run_rows(store, cfg, "valid"), idx)
+            if len(chose):
+                notes.append(
+                    f"{len(chose)} of the scored patches are {run.name}'s validation patches, "
+                    "where its thresholds were chosen."
+                )
     return tuple(notes)

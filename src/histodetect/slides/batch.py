@@ -11,7 +11,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from histodetect.errors import HistodetectError
-from histodetect.inference.predictor import Predictor
+from histodetect.inference.predictor import Predictor, model_files
 from histodetect.slides.slide import SlideOptions, analyse_slide
 
 MANIFEST_GLOB = "manifest-rank*.jsonl"
@@ -91,11 +91,10 @@ def job_key(path: Path, run: Path, opts: SlideOptions) -> str:
         file_id = [str(path.resolve()), st.st_size, st.st_mtime_ns]
     except OSError:
         file_id = [str(path.resolve()), None, None]
-    # model.json names an ensemble's members; model.safetensors holds a run's weights.
     model_id: list = [str(run.resolve())]
-    for name in ("model.json", "model.safetensors"):
+    for path in model_files(run):  # an ensemble's members too: retraining one redoes the maps
         try:
-            mt = (run / name).stat()
+            mt = path.stat()
             model_id += [mt.st_size, mt.st_mtime_ns]
         except OSError:
             model_id += [None, None]
@@ -117,7 +116,8 @@ def read_manifest(out: Path) -> dict[str, dict]:
     return records
 
 
-def _append_manifest(out: Path, rank: int, record: dict) -> None:
+def append_manifest(out: Path, rank: int, record: dict) -> None:
+    """Add one finished (or failed) job to ``out``'s manifest of this rank, synced to disk."""
     # One file per rank: ranks never write to the same file, so no locking across machines.
     with open(out / f"manifest-rank{rank}.jsonl", "a", encoding="utf-8") as fh:
         fh.write(json.dumps(record) + "\n")
@@ -176,12 +176,12 @@ def run_slides(
         except HistodetectError as exc:
             reason = str(exc)
             result.failed.append((path, reason))
-            _append_manifest(out, rank, {**record, "status": "failed", "error": reason})
+            append_manifest(out, rank, {**record, "status": "failed", "error": reason})
             if on_slide:
                 on_slide(path, None, reason)
             continue
         result.done.append(summary)
-        _append_manifest(
+        append_manifest(
             out,
             rank,
             {

@@ -15,7 +15,13 @@ from pathlib import Path
 from histodetect.errors import HistodetectError
 from histodetect.files import write_atomic, write_problems_csv
 from histodetect.slides.annotations import find_annotation
-from histodetect.slides.batch import distributed_rank, output_names, read_manifest, shard
+from histodetect.slides.batch import (
+    append_manifest,
+    distributed_rank,
+    output_names,
+    read_manifest,
+    shard,
+)
 from histodetect.slides.extract_outputs import (
     assemble_kaggle,
     assemble_store,
@@ -103,14 +109,6 @@ def _extract_one(slide: Path, annotation: Path | None, name: str, opts, part: Pa
     }
 
 
-def _append(work: Path, rank: int, record: dict) -> None:
-    # One manifest per rank (as `slide`): ranks never append to the same file.
-    with open(work / f"manifest-rank{rank}.jsonl", "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(record) + "\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-
-
 def _prepare(out: Path, fmt: str) -> Path:
     """The work folder in ``out``; ``out`` must be new, empty or an extraction of ``fmt``."""
     if fmt not in FORMATS:
@@ -196,7 +194,7 @@ def extract_patches(
 
     def record(slide: Path, rec: dict) -> None:
         rec = {**jobs[slide], "slide": str(slide), "rank": rank, **rec}
-        _append(work, rank, rec)
+        append_manifest(work, rank, rec)
         if rec["status"] == "done":
             result.done.append(rec)
         if on_slide:
@@ -215,7 +213,8 @@ def _job(slide: Path, annotations, opts: ExtractOptions, name: str, work: Path) 
         "key": key,
         "name": name,
         "annotation": str(annotation) if annotation else None,
-        "part": str(work / "parts" / f"{name}.npz"),
+        # Named by key too: a run with other settings never overwrites (or reuses) this part.
+        "part": str(work / "parts" / f"{name}-{key}.npz"),
     }
 
 

@@ -47,8 +47,9 @@ def _layout(
 ) -> tuple[list[tuple[float, float, float, float]], list[tuple[float, float, float, float]]]:
     """One tissue ellipse filling most of the slide and, on a tumour slide, 1-3 tumours.
 
-    Tumours are 300-900 µm across (above Camelyon16's 275 µm for isolated tumour cells, so
-    `slide-eval` counts them as lesions), capped to stay mostly inside the tissue.
+    Tumours are drawn 300-900 µm across (above Camelyon16's 275 µm for isolated tumour cells,
+    so `slide-eval` counts them as lesions); the radius is capped at 0.45 of the tissue's
+    shorter half-axis to stay inside it (about 580 µm across on a 2048 x 1536 slide).
     """
     w, h = size
     trx, try_ = w * rng.uniform(0.40, 0.46), h * rng.uniform(0.40, 0.46)

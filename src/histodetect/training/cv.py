@@ -97,7 +97,9 @@ def cross_validate(
     store = ensure_store(
         data, progress=progress, valid_fraction=cfg.data.valid_fraction, seed=cfg.data.split_seed
     )
-    cfg = merge(cfg, {"data": {"folds": folds, "groups": str(groups) if groups else None}})
+    # The groups file is kept by absolute path: fold runs re-read it from wherever they are used.
+    groups_path = str(Path(groups).resolve()) if groups else None
+    cfg = merge(cfg, {"data": {"folds": folds, "groups": groups_path}})
     store_groups(store, groups)  # a groups file missing some ids fails now, not in fold 3
     grouping = _grouping(store, groups)
     _check_plan(out, cfg, store)
@@ -146,8 +148,12 @@ def _run_fold(
     devices: int | str,
 ) -> None:
     """Train fold ``run`` unless it is finished; an interrupted one resumes from its checkpoint."""
-    if (run / MODEL_META).exists():
+    if (run / "metrics.json").exists():
         return
+    if (run / MODEL_META).exists():
+        # Killed between the export and the final scores: export again from the last checkpoint
+        # (training itself is over, so resuming runs no further step).
+        (run / MODEL_META).unlink()
     resume = (run / "checkpoints" / "last.ckpt").exists()
     if not resume and (run / "config.yaml").exists():
         shutil.rmtree(run)  # killed before its first checkpoint: nothing to keep, start it over
@@ -208,7 +214,7 @@ def _write_ensemble(out: Path, cfg: RunConfig, store: Store) -> None:
     }
     save_config(merge(cfg, {"data": {"fold": ALL_FOLDS}}), folder / "config.yaml")
     for name in ("data.json", "environment.json"):
-        shutil.copyfile(out / "fold_0" / name, folder / name)
+        write_atomic(folder / name, (out / "fold_0" / name).read_bytes())
     write_atomic(folder / MODEL_META, json.dumps(meta, indent=2).encode())
 
 

@@ -9,6 +9,19 @@ from pathlib import Path
 SAMPLE = Path(__file__).resolve().parents[2] / "shared" / "pcam-sample"
 
 
+def cli(*args: str | Path, env: dict | None = None) -> str:
+    """Run `histodetect ARGS...`; its stdout, or exit with its error message."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "histodetect.cli", *map(str, args)],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    if proc.returncode:
+        sys.exit(f"histodetect {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc.stdout
+
+
 def train_cli(data: Path, run: Path, *flags: str, wait: bool = True, env=None):
     """Run `histodetect train --data DATA --out RUN FLAGS...` as a user would, quietly.
 

@@ -22,33 +22,18 @@ import argparse
 import json
 import os
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import save_results
+from common import cli, save_results
 
 from histodetect.slides.synthetic import write_synthetic_slide, write_truth_annotations
 
 W, H, MPP = 2048, 1536, 0.486  # level 0; level 1 (1024 x 768) is at 0.972 µm/px
 TISSUE = [(1024.0, 768.0, 940.0, 700.0)]
 N_LEARN, N_HELD = 8, 4
-
-
-def cli(*args: str | Path, env: dict) -> str:
-    """Run `histodetect ARGS...`; its stdout, or exit with its error message."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "histodetect.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode:
-        sys.exit(f"histodetect {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc.stdout
 
 
 def plant(rng: np.random.Generator, tumour: bool) -> list[tuple[float, float, float, float]]:

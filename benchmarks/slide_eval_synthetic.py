@@ -23,13 +23,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import save_results, train_cli, untrained_run
+from common import cli, save_results, train_cli, untrained_run
 
 from histodetect.slides.synthetic import write_synthetic_slide, write_truth_annotations
 
@@ -45,19 +43,6 @@ SLIDES = {
     "normal_b": [],
     "normal_c": [],
 }
-
-
-def cli(*args: str | Path, env: dict | None = None) -> str:
-    """Run `histodetect ARGS...`; its stdout, or exit with its error message."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "histodetect.cli", *map(str, args)],
-        capture_output=True,
-        text=True,
-        env=env,
-    )
-    if proc.returncode:
-        sys.exit(f"histodetect {args[0]} failed ({proc.returncode}):\n{proc.stderr}")
-    return proc.stdout
 
 
 def make_run(args: argparse.Namespace, work: Path, env: dict) -> tuple[Path, str]:

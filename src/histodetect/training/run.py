@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from dataclasses import dataclass
@@ -20,7 +21,12 @@ from histodetect.data.store import Store
 from histodetect.errors import HistodetectError
 from histodetect.files import write_atomic
 from histodetect.inference.predictor import MODEL_META, Predictor
-from histodetect.training.callbacks import ConsumedBatches, FreezeBackbone, Throughput
+from histodetect.training.callbacks import (
+    ConsumedBatches,
+    FreezeBackbone,
+    Throughput,
+    progress_bar,
+)
 from histodetect.training.datamodule import PatchDataModule
 from histodetect.training.module import PatchModule, ema_with_warmup, positive_weight
 from histodetect.training.run_folder import (
@@ -33,6 +39,16 @@ from histodetect.training.run_folder import (
 
 if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+class _NoTips(logging.Filter):
+    """Drops Lightning's "💡 Tip" lines: adverts for services, noise in every run's log."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith("💡")
+
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
 
 
 @dataclass(frozen=True)
@@ -180,10 +196,7 @@ def _callbacks(
     speed = Throughput()
     callbacks = [best, periodic, speed, ConsumedBatches(), LearningRateMonitor("step")]
     if progress:
-        from lightning.pytorch.callbacks import TQDMProgressBar
-
-        # tqdm, refreshed every few steps: the rich bar costs ~40% of a CPU step here.
-        callbacks.append(TQDMProgressBar(refresh_rate=10))
+        callbacks.append(progress_bar())
     if cfg.train.freeze_epochs:
         callbacks.append(FreezeBackbone(cfg.train.freeze_epochs))
     if cfg.train.ema:

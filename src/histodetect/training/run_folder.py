@@ -152,7 +152,8 @@ def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
                 ax.plot([x + 1 for x in xs], ys, marker="o", label=label)
         ax.set_title(name)
         ax.set_xlabel("epoch")
-        ax.legend()
+        if ax.lines:  # a run stopped before its first epoch ended has nothing to label
+            ax.legend()
         ax.grid(alpha=0.3)
     xs, ys = series("train_loss_step", "step")
     axes[3].plot(xs, ys, lw=0.8)

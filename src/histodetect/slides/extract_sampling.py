@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -14,14 +13,12 @@ from histodetect.errors import HistodetectError
 from histodetect.slides import DEFAULT_MIN_TISSUE
 from histodetect.slides.annotations import read_annotation
 from histodetect.slides.readers import SlideReader, open_slide
-from histodetect.slides.render import MAX_THUMB_SIDE, THUMB_CELL_PX
 from histodetect.slides.resolution import (
     PCAM_MPP,
-    Resolution,
     choose_resolution,
-    read_thumbnail,
     working_reader,
 )
+from histodetect.slides.tissue import tissue_cells
 
 # A negative cell is drawn with weight HARD_FLOOR + P(tumour) from an earlier run's map: one
 # the model called tumour with P = 1 is 11 times as likely to be taken as one it called 0.
@@ -137,22 +134,6 @@ def centre_labels(tumour, x: np.ndarray, y: np.ndarray, side: float) -> np.ndarr
     return labels
 
 
-def tissue_cells(reader: SlideReader, res: Resolution, stride: int, min_tissue: float):
-    """Cells whose 96 px window holds at least ``min_tissue`` tissue: `slide`'s own test.
-
-    The thumbnail scale, tissue mask and window shares are those of ``mapping.analyse``, so a
-    patch is extracted from exactly the tissue a map would analyse.
-    """
-    from histodetect.slides.tissue import tissue_mask, window_tissue
-
-    w, h = res.size
-    grid = (math.ceil(h / stride), math.ceil(w / stride))
-    t = max(stride / THUMB_CELL_PX, max(w, h) / MAX_THUMB_SIDE, 1.0)
-    thumb = read_thumbnail(reader, res, t)
-    mask = tissue_mask(thumb, t * (res.mpp or PCAM_MPP))
-    return window_tissue(mask, grid, stride, t) >= max(min_tissue, 1e-6)
-
-
 def _candidates(
     tissue: np.ndarray, opts: ExtractOptions, rng: np.random.Generator, size: tuple[int, int]
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -245,7 +226,7 @@ def extract_slide(
         notes = [res.note] if res.note else []
         tumour = _tumour(annotation, reader, notes)
         rng = np.random.default_rng([opts.seed, zlib.crc32(name.encode())])
-        tissue = tissue_cells(reader, res, opts.stride, opts.min_tissue)
+        tissue, _, _ = tissue_cells(reader, res, opts.stride, opts.min_tissue)
         wx, wy = _candidates(tissue, opts, rng, res.size)
         side = PATCH_SIZE * res.scale
         # Level-0 corners are rounded to whole pixels; labels are computed from them, so a

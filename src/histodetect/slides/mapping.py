@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,15 +14,13 @@ from histodetect.slides import DEFAULT_MIN_TISSUE
 from histodetect.slides.cells import TILE_CELLS, InferenceStats, predict_cells, resolve_mode
 from histodetect.slides.readers import ArrayReader, SlideReader
 from histodetect.slides.regions import find_regions
-from histodetect.slides.render import MAX_THUMB_SIDE, THUMB_CELL_PX, png_bytes, render_overlay
+from histodetect.slides.render import png_bytes, render_overlay
 from histodetect.slides.resolution import (
-    PCAM_MPP,
     Resolution,
     choose_resolution,
-    read_thumbnail,
     working_reader,
 )
-from histodetect.slides.tissue import tissue_mask, window_tissue
+from histodetect.slides.tissue import tissue_cells
 
 
 @dataclass(frozen=True)
@@ -165,12 +162,7 @@ def analyse(
         )
     mode = resolve_mode(predictor, stride, mode)
     threshold = predictor.threshold if threshold is None else float(threshold)
-    grid = (math.ceil(h / stride), math.ceil(w / stride))
-    t = max(stride / THUMB_CELL_PX, max(w, h) / MAX_THUMB_SIDE, 1.0)
-    thumb = read_thumbnail(reader, res, t)
-    # Unknown resolution: the image is taken to be at PCam's (as choose_resolution does).
-    mask = tissue_mask(thumb, t * (res.mpp or PCAM_MPP))
-    tissue = window_tissue(mask, grid, stride, t) >= max(min_tissue, 1e-6)
+    tissue, thumb, t = tissue_cells(reader, res, stride, min_tissue)
     prob, tissue, stats = predict_cells(
         working_reader(reader, res),
         tissue,

@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 from scipy import ndimage
 from skimage import measure, morphology
 
 from histodetect import PATCH_SIZE
+from histodetect.slides.readers import SlideReader
+from histodetect.slides.render import MAX_THUMB_SIDE, THUMB_CELL_PX
+from histodetect.slides.resolution import PCAM_MPP, Resolution, read_thumbnail
 
 # Optical density (natural log, Euclidean over RGB) that sets tissue apart from the glass
 # colour; at least this much, more when the glass itself is noisy. Pale eosin lies at ~0.15.
@@ -176,3 +181,22 @@ def in_focus(tile: np.ndarray, grid: tuple[int, int], stride: int) -> np.ndarray
             judged |= textured
             focused |= textured & (sharp[at] >= MIN_FOCUS * contrast)
     return focused | ~judged
+
+
+def tissue_cells(
+    reader: SlideReader, res: Resolution, stride: int, min_tissue: float
+) -> tuple[np.ndarray, np.ndarray, float]:
+    """Which ``stride`` px cells of the working image have at least ``min_tissue`` tissue in
+    their 96 px window: the one decision `slide` maps and `extract` samples from.
+
+    Returns:
+        The (rows, cols) bool grid, the thumbnail it was judged on, and the thumbnail's
+        downsample ``t`` from the working image.
+    """
+    w, h = res.size
+    grid = (math.ceil(h / stride), math.ceil(w / stride))
+    t = max(stride / THUMB_CELL_PX, max(w, h) / MAX_THUMB_SIDE, 1.0)
+    thumb = read_thumbnail(reader, res, t)
+    # Unknown resolution: the image is taken to be at PCam's (as choose_resolution does).
+    mask = tissue_mask(thumb, t * (res.mpp or PCAM_MPP))
+    return window_tissue(mask, grid, stride, t) >= max(min_tissue, 1e-6), thumb, t

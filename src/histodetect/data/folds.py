@@ -82,6 +82,12 @@ def store_groups(store: Store, groups_file: str | Path | None) -> np.ndarray | N
     return None
 
 
+def scoring_split(data_cfg) -> str:
+    """The split a run is scored on by default: its validation split, or for a cv ensemble
+    (trained on every fold) the patches held out of all folds."""
+    return "test" if data_cfg.folds and data_cfg.fold == ALL_FOLDS else "valid"
+
+
 def _pool_and_holdout(store: Store, data_cfg, groups: np.ndarray | None) -> np.ndarray:
     """Which rows the folds share out (True) and which are held out of all of them (False).
 

@@ -124,7 +124,8 @@ def gradcam(
         images: (N, H, W, 3) uint8 patches (96 x 96 for PCam).
         batch_size: patches per backward pass (small keeps CPU memory low).
         layer: the layer to explain; default :func:`target_layer`. An earlier block gives finer
-            but less class-specific maps (SmallCNN's last maps are only 3x3 at 96 px).
+            but less class-specific maps (SmallCNN's last maps are only 3x3 at 96 px). An
+            ensemble always uses each member's own :func:`target_layer`.
 
     Returns:
         float32 array (N, H, W) in [0, 1]; 1 marks the strongest evidence for tumour within

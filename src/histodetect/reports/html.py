@@ -559,8 +559,9 @@ def build_report(run: str | Path, data: str | Path | None = None) -> Path:
     Args:
         run: a finished run folder.
         data: the run's data (Kaggle folder, PCam folder or store). When given, a run without
-            any ``metrics_<split>.json`` is evaluated on its validation split first, and one
-            without ``explain/`` gets its Grad-CAM galleries made.
+            any ``metrics_<split>.json`` is evaluated first (on its validation split; a cv
+            ensemble on the patches held out of all folds), and one without ``explain/`` gets
+            its Grad-CAM galleries made.
 
     Returns:
         The path of the report.
@@ -569,8 +570,10 @@ def build_report(run: str | Path, data: str | Path | None = None) -> Path:
     if not (run / "model.json").exists():
         raise HistodetectError(f"{run}: no model.json; not a finished training run folder.")
     if data is not None:
-        # A cv ensemble trained on every fold: the rows held out of all folds are its test.
-        split = "test" if "members" in (_read_json(run / "model.json") or {}) else "valid"
+        from histodetect.data.folds import scoring_split
+        from histodetect.data.loaders import run_data_config
+
+        split = scoring_split(run_data_config(run))
         if not _eval_splits(run):
             from histodetect.inference.evaluate import evaluate
 

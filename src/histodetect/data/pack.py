@@ -73,9 +73,8 @@ def _plan_arrays(source: Source) -> dict[str, np.ndarray]:
     }
     if source.slides is not None:
         arrays["slides"] = source.slides.astype(str)
-    coords = getattr(source, "coords", None)  # level-0 (x, y) per patch: extracted patches
-    if coords is not None:
-        arrays["coords"] = np.asarray(coords, np.int64).reshape(-1, 2)
+    if source.coords is not None:  # level-0 (x, y) per patch: patches from slides
+        arrays["coords"] = np.asarray(source.coords, np.int64).reshape(-1, 2)
     return arrays
 
 

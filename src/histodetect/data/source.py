@@ -23,7 +23,10 @@ UNLABELLED = -1
 
 @dataclass
 class Source:
-    """Patches with ids, labels (-1 = unlabelled), splits and optional slide ids.
+    """Patches with ids, labels (-1 = unlabelled), splits, optional slide ids and positions.
+
+    ``coords`` is each patch's level-0 (x, y) top-left corner on its slide, when known
+    (patches extracted from slides, or a Kaggle folder's ``meta.csv``).
 
     Subclasses implement :meth:`read_one`; :meth:`read` and :meth:`read_checked` build on it.
     """
@@ -34,6 +37,7 @@ class Source:
     labels: np.ndarray
     splits: np.ndarray
     slides: np.ndarray | None = None
+    coords: np.ndarray | None = None
     synthetic: bool = False
     problems: list[tuple[str, str]] = field(default_factory=list)
 

@@ -30,7 +30,6 @@ class KaggleSource(Source):
     """
 
     files: np.ndarray = field(default_factory=lambda: np.array([], dtype=object))
-    coords: np.ndarray | None = None
 
     def where(self, i: int) -> str:
         return str(self.files[i])

@@ -37,16 +37,11 @@ def index_bytes(arrays: dict[str, np.ndarray]) -> bytes:
 
 @dataclass
 class Store(Source):
-    """A packed store opened read-only; ``images`` is a memory map of every packed row.
-
-    ``coords`` holds each patch's level-0 (x, y) on its slide (top-left corner) for patches
-    extracted from slides (`histodetect extract`); None for stores packed without them.
-    """
+    """A packed store opened read-only; ``images`` is a memory map of every packed row."""
 
     images: np.ndarray = field(default_factory=lambda: np.zeros((0, 96, 96, 3), np.uint8))
     rows: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
     manifest: dict = field(default_factory=dict)
-    coords: np.ndarray | None = None
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()

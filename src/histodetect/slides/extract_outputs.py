@@ -57,7 +57,6 @@ class ExtractedSource(Source):
 
     parts: list[Path] = field(default_factory=list)
     starts: np.ndarray = field(default_factory=lambda: np.zeros(1, np.int64))
-    coords: np.ndarray | None = None
     _cache: dict = field(default_factory=dict, repr=False)
 
     def __getstate__(self) -> dict:

@@ -150,7 +150,6 @@ def test_calibrating_twice_keeps_the_temperature(two_runs, kaggle_dir):
 
     data = kaggle_dir(n=60)
     run = two_runs[0]
-    evaluate(run, data, "all", n_boot=10)  # no validation data recorded: nothing to fit on
     first = evaluate(run, data, "valid", n_boot=10, calibrate=True).temperature
     stored = json.loads((run / "model.json").read_text())["temperature"]
     evaluate(run, data, "valid", n_boot=10, calibrate=True)

@@ -350,6 +350,20 @@ def test_maps_folder_errors(tmp_path):
     assert any("0.243" in n for n in result.slides[0].notes)  # Camelyon16's mpp assumed
 
 
+def test_slide_eval_sizes_a_slide_without_resolution_as_slide_analysed_it(tmp_path):
+    # `slide` analysed a file without a recorded resolution as if it were at 0.972 µm/px:
+    # two hot cells 200 level-0 px apart are then 194 µm apart and both survive a 120 µm
+    # suppression radius; at Camelyon16's 0.243 µm/px (49 µm) one would be suppressed.
+    maps = tmp_path / "maps"
+    write_map(maps, "a", {(2, 2): 0.9, (2, 4): 0.8}, mpp=None, level0_mpp_assumed=0.972)
+    options = EvalOptions(nms_radius_um=120.0, floor=0.05, n_boot=200)
+    result = evaluate_slides(maps, None, out=tmp_path / "o", options=options)
+    (slide,) = result.slides
+    assert any("0.972" in n and "as `slide` analysed it" in n for n in slide.notes)
+    assert not any("0.243" in n for n in slide.notes)
+    assert slide.false_positives == 2  # 2 cells apart = 194 µm > 120 µm: both kept
+
+
 def test_windowed_lesions_equal_a_whole_slide_evaluation_mask(tmp_path):
     """The lesion map is drawn only around the tumour; the challenge draws the whole slide.
     Both must label every detection alike (independent whole-slide computation here)."""

@@ -230,6 +230,21 @@ def test_an_interrupted_extraction_resumes_with_nothing_lost_or_doubled(
     assert len(third.skipped) == 3 and not third.done and third.assembled
 
 
+def test_a_rerun_with_other_settings_removes_the_old_parts(slides, tmp_path):
+    paths, ann = slides
+    out = tmp_path / "out"
+    first = extract_patches(paths, ann, out, ExtractOptions(per_slide=20), progress=False)
+    assert first.stale_parts == 0
+    old_parts = set((out / ".extract" / "parts").glob("*.npz"))
+    assert len(old_parts) == 3
+    size = sum(p.stat().st_size for p in old_parts)
+    again = extract_patches(paths, ann, out, ExtractOptions(per_slide=25), progress=False)
+    new_parts = set((out / ".extract" / "parts").glob("*.npz"))
+    assert len(new_parts) == 3 and not new_parts & old_parts  # only this run's parts are left
+    assert (again.stale_parts, again.stale_bytes) == (3, size)
+    assert again.patches == len(open_store(out).ids)
+
+
 def test_ranks_share_slides_and_the_last_assembles(slides, tmp_path):
     paths, ann = slides
     opts = ExtractOptions(per_slide=20)

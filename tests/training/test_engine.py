@@ -232,3 +232,28 @@ def test_lr_finder_and_augment_preview_write_their_plots(kaggle_dir, tmp_path):
     grid = tmp_path / "aug.png"
     assert main(["augment-preview", str(data), "--out", str(grid), "--recipe", "heavy"]) == 0
     assert grid.stat().st_size > 5_000
+
+
+def test_training_log_in_a_file_is_the_tools_own_one_line_per_epoch(kaggle_dir, tmp_path):
+    data = kaggle_dir(n=64)
+    flags = ["--epochs", "2", "--batch-size", "16", "--accelerator", "cpu"]
+    proc = cli(
+        "train",
+        "--data",
+        str(data),
+        "--out",
+        str(tmp_path / "run"),
+        *flags,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 0, err
+    log = out + err
+    for noise in ("GPU available: False", "TPU available", "💡", "Loading `train_dataloader`"):
+        assert noise not in log
+    assert "\r" not in log  # no live-bar updates piled up in a file
+    epochs = [line for line in err.splitlines() if line.startswith("epoch ")]
+    assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
+    assert all("val_auc" in line for line in epochs)

@@ -62,7 +62,9 @@ def test_loader_yields_uint8_batches_with_labels(kaggle_dir, tmp_path):
 @pytest.mark.slow
 def test_short_training_run_writes_a_self_describing_folder(kaggle_dir, tmp_path):
     data = kaggle_dir(n=160)
-    cfg = merge(RunConfig(), {"train": {"epochs": 3}, "data": {"batch_size": 16}})
+    cfg = merge(
+        RunConfig(), {"train": {"epochs": 3, "checkpoint_every": 5}, "data": {"batch_size": 16}}
+    )
     result = train(data, tmp_path / "run", cfg, progress=False)
     run = tmp_path / "run"
     for name in (
@@ -78,6 +80,8 @@ def test_short_training_run_writes_a_self_describing_folder(kaggle_dir, tmp_path
         "checkpoints/best.ckpt",
     ):
         assert (run / name).exists(), name
+    # One resumable "last" checkpoint, not last.ckpt beside a last-v1.ckpt.
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
     meta = json.loads((run / "model.json").read_text())
     assert meta["arch"] == "densecnn" and meta["input_size"] == 96 and meta["synthetic"] is False

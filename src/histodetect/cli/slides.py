@@ -329,6 +329,11 @@ def cmd_extract(args: argparse.Namespace) -> int:
     if not result.assembled:
         say(f"{where}done; the rank that finishes last assembles {args.out}")
         return 0
+    if result.stale_parts:
+        say(
+            f"removed {result.stale_parts} part(s) left by other slides or settings "
+            f"({result.stale_bytes / 1e6:.1f} MB) from {args.out / '.extract' / 'parts'}"
+        )
     tag = "  [SYNTHETIC slides: says nothing about real tissue]" if result.synthetic else ""
     say(
         f"{result.patches} patches ({result.positives} positive) in {args.out} "

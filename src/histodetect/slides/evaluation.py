@@ -133,9 +133,15 @@ class _ScoredSlide:
 
 
 def _level0_mpp(smap: SlideMap, options: EvalOptions, notes: list[str]) -> float:
-    """The map's level-0 µm/px, or the assumed default (noted): lesion sizes need one."""
+    """The map's level-0 µm/px, else the one `slide` assumed, else the default (both noted)."""
     if smap.mpp is not None:
         return smap.mpp
+    if smap.mpp_assumed is not None:
+        notes.append(
+            f"level-0 resolution not in the slide file: {smap.mpp_assumed:.4g} µm/px assumed, "
+            "as `slide` analysed it (pass --slide-mpp to `slide` if that is wrong)."
+        )
+        return smap.mpp_assumed
     notes.append(f"level-0 resolution unknown: {options.default_mpp} µm/px assumed.")
     return options.default_mpp
 

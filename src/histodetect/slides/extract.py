@@ -56,6 +56,8 @@ class ExtractResult:
     positives: int = 0
     synthetic: bool = False
     seconds: float = 0.0
+    stale_parts: int = 0  # parts of other settings removed after assembly
+    stale_bytes: int = 0
 
     @property
     def extracted(self) -> int:
@@ -272,14 +274,27 @@ def _finish(result: ExtractResult, slides, jobs, work: Path, valid_fraction: flo
         if not mine:
             return  # another rank is assembling
         result.assembled = True
-        if assembled_digest(work) == digest and _output_exists(result.out, result.format):
-            return  # made of these very parts already
-        parts = sorted(done.items(), key=lambda kv: kv[1].name)  # stable order: by slide
-        if result.format == "store":
-            source = extracted_source(result.out, [p for _, p in parts], valid_fraction, seed)
-            assemble_store(result.out, work, source, digest)
-        else:
-            assemble_kaggle(result.out, work, dict(parts), digest)
+        if not (assembled_digest(work) == digest and _output_exists(result.out, result.format)):
+            parts = sorted(done.items(), key=lambda kv: kv[1].name)  # stable order: by slide
+            if result.format == "store":
+                source = extracted_source(result.out, [p for _, p in parts], valid_fraction, seed)
+                assemble_store(result.out, work, source, digest)
+            else:
+                assemble_kaggle(result.out, work, dict(parts), digest)
+        _remove_stale_parts(result, work, {Path(job["part"]).name for job in jobs.values()})
+
+
+def _remove_stale_parts(result: ExtractResult, work: Path, current: set[str]) -> None:
+    """Delete the parts that other slides or settings left in ``work``, counting their bytes.
+
+    Parts are named by slide and settings key, so a rerun with other settings writes new ones;
+    once the output is assembled from this run's parts the old ones only take disk.
+    """
+    for part in (work / "parts").glob("*.npz"):
+        if part.name not in current:
+            result.stale_bytes += part.stat().st_size
+            result.stale_parts += 1
+            part.unlink()
 
 
 def _output_exists(out: Path, fmt: str) -> bool:

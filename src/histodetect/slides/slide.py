@@ -83,5 +83,9 @@ def analyse_slide(
     tags = synthetic_tags(reader, predictor)
     write_maps(out, path.name, analysis, base, t_overlay, tags)
     summary = slide_summary(path, out, reader, predictor, analysis, opts.tta, tags, t0)
+    if reader.mpp is None:
+        # The file records no resolution, so the level was analysed as if it were at the
+        # model's µm/px: slide-eval sizes lesions with that same assumption, not a default.
+        summary["level0_mpp_assumed"] = opts.target_mpp / res.scale
     write_summary(out, summary)
     return summary

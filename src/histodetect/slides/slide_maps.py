@@ -27,6 +27,8 @@ class SlideMap:
             (r, c) covers level-0 x in [c * cell, (c + 1) * cell), likewise y with r.
         size: Level-0 (width, height), when known.
         mpp: µm per level-0 px, when known.
+        mpp_assumed: The level-0 µm/px `slide` assumed when the file recorded none (it
+            analysed the slide as if at the model's resolution), else None.
         threshold: The run's region threshold used by the map.
         score: The slide score (highest cell probability on tissue).
         synthetic: Whether the slide or the model was SYNTHETIC.
@@ -43,6 +45,7 @@ class SlideMap:
     threshold: float
     score: float
     synthetic: bool = False
+    mpp_assumed: float | None = None
 
 
 def find_slide_maps(maps_dir: str | Path) -> list[Path]:
@@ -109,4 +112,5 @@ def load_slide_map(folder: str | Path) -> SlideMap:
         threshold=float(summary.get("threshold", 0.5)),
         score=float(summary.get("score", prob[tissue].max() if tissue.any() else 0.0)),
         synthetic=bool(summary.get("synthetic")),
+        mpp_assumed=summary.get("level0_mpp_assumed"),
     )

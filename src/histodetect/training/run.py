@@ -41,14 +41,26 @@ if TYPE_CHECKING:
     from lightning.pytorch.callbacks import ModelCheckpoint
 
 
-class _NoTips(logging.Filter):
-    """Drops Lightning's "💡 Tip" lines: adverts for services, noise in every run's log."""
+# Lightning's lines that say nothing about this run: "💡 Tip" adverts for services, the list
+# of accelerators nobody asked for ("GPU available: False", ...) and internal notices. A used
+# GPU is still announced ("GPU available: True (cuda), used: True").
+_NOISE = (
+    "💡",
+    "GPU available: False",
+    "TPU available: False",
+    "HPU available: False",
+    "Loading `train_dataloader`",
+)
+
+
+class _NoNoise(logging.Filter):
+    """Drops Lightning's log lines that are noise in every run's log (``_NOISE``)."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not record.getMessage().startswith("💡")
+        return not record.getMessage().startswith(_NOISE)
 
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoTips())
+logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(_NoNoise())
 
 
 @dataclass(frozen=True)
@@ -185,6 +197,9 @@ def _callbacks(
         monitor="val_auc",
         mode="max",
         save_last=True,
+        # Both keepers write the one last.ckpt (the newer state wins); with Lightning's version
+        # counter the second would start a last-v1.ckpt that nothing resumes from.
+        enable_version_counter=False,
     )
     # A resumable last.ckpt every few steps, so a crash loses minutes, not an epoch.
     periodic = ModelCheckpoint(
@@ -192,6 +207,7 @@ def _callbacks(
         save_top_k=0,
         save_last=True,
         every_n_train_steps=max(cfg.train.checkpoint_every, 1),
+        enable_version_counter=False,
     )
     speed = Throughput()
     callbacks = [best, periodic, speed, ConsumedBatches(), LearningRateMonitor("step")]

@@ -9,6 +9,10 @@ class HistodetectError(Exception):
     exit_code = 2
 
 
+class HistodetectWarning(UserWarning):
+    """Something the user should know that does not stop the work; the CLI prints one line."""
+
+
 class BadInputError(HistodetectError):
     """Input data is unusable; ``problems`` lists ``(path_or_id, reason)`` pairs."""
 

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 import tifffile
 
 from histodetect.cli.main import COMMANDS, build_parser, main
+from tests.conftest import SHARED_SAMPLE
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
@@ -71,3 +73,42 @@ def test_skip_bad_packs_the_rest(kaggle_dir, tmp_path, capsys):
     sorted((root / "train").glob("*.tif"))[3].write_bytes(b"junk")
     assert main(["pack", str(root), "--out", str(tmp_path / "s"), "--skip-bad", "--quiet"]) == 0
     assert "packed 11 patches" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "needles"),
+    [
+        ("train: {loss: focal2, lr: -1}", ["train.loss: 'focal2'", "train.lr: -1", "'bce'"]),
+        ("data: {mean: [0.5]}", ["data.mean: [0.5]", "list of 3 numbers"]),
+        ("train: {epoch: 7}", ["train.epoch: unknown setting 'epoch'", "'epochs'"]),
+    ],
+)
+def test_train_refuses_a_bad_config_at_once_before_reading_data(
+    yaml_text, needles, kaggle_dir, tmp_path, private_cache
+):
+    data = SHARED_SAMPLE if SHARED_SAMPLE.exists() else kaggle_dir(n=12)
+    config = tmp_path / "bad.yaml"
+    config.write_text(yaml_text + "\n")
+    start = time.perf_counter()
+    proc = run_cli(
+        "train", "--data", str(data), "--config", str(config), "--out", str(tmp_path / "X")
+    )
+    assert time.perf_counter() - start < 5
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith(f"histodetect train: error: {config}: ")
+    assert proc.stderr.strip().count("\n") == 0, "one paragraph"
+    for needle in needles:
+        assert needle in proc.stderr, proc.stderr
+    # Nothing was read or written: no store packed into the cache, no run folder.
+    assert not any(private_cache.iterdir()) and not (tmp_path / "X").exists()
+
+
+def test_a_split_that_cannot_hold_out_a_slide_warns_in_one_line(kaggle_dir, tmp_path, capsys):
+    root = kaggle_dir(n=12)
+    ids = (root / "train_labels.csv").read_text().split()[1:]
+    rows = "".join(f"{line.split(',')[0]},only,0,0\n" for line in ids)
+    (root / "meta.csv").write_text("id,slide,x,y\n" + rows)
+    assert main(["pack", str(root), "--out", str(tmp_path / "s"), "--quiet"]) == 0
+    err = capsys.readouterr().err
+    assert err.startswith("histodetect pack: warning: all 12 patches come from one slide (only)")
+    assert err.count("\n") == 1

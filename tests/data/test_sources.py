@@ -14,7 +14,7 @@ import tifffile
 from histodetect.data.patchio import PatchDecodeError, decode_patch
 from histodetect.data.source import split_indices
 from histodetect.data.sources import detect_kind, open_source
-from histodetect.errors import BadInputError, HistodetectError
+from histodetect.errors import BadInputError, HistodetectError, HistodetectWarning
 from tests.conftest import fake_patches
 
 
@@ -81,6 +81,38 @@ def test_split_keeps_slides_on_one_side():
     for g in np.unique(groups):
         assert len(set(splits[groups == g])) == 1
     assert 0.15 <= (splits == "valid").mean() <= 0.3
+
+
+def _slides(tumour: int, normal: int, per_slide: int = 50) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and slide ids as `extract` makes them: tumour slides hold tumour and normal
+    patches, normal slides normal patches only."""
+    labels = [np.r_[np.ones(per_slide // 2), np.zeros(per_slide // 2)]] * tumour
+    labels += [np.zeros(per_slide)] * normal
+    groups = np.repeat([f"s{i}" for i in range(tumour + normal)], per_slide)
+    return np.concatenate(labels).astype(np.int8), groups
+
+
+def test_a_split_by_slide_puts_both_classes_in_validation_for_every_seed():
+    labels, groups = _slides(tumour=6, normal=2)
+    for seed in range(100):
+        splits = split_indices(labels, groups, valid_fraction=0.1, seed=seed)
+        for side in ("train", "valid"):
+            assert set(labels[splits == side]) == {0, 1}, (seed, side)
+        for g in np.unique(groups):
+            assert len(set(splits[groups == g])) == 1
+    # Slides of one class each: validation needs a slide of each.
+    pure = np.repeat([1] * 6 + [0] * 2, 50).astype(np.int8)
+    for seed in range(100):
+        splits = split_indices(pure, groups, valid_fraction=0.1, seed=seed)
+        assert set(pure[splits == "valid"]) == set(pure[splits == "train"]) == {0, 1}, seed
+
+
+def test_a_split_by_slide_that_cannot_hold_both_classes_says_why():
+    labels, groups = _slides(tumour=1, normal=3)
+    with pytest.warns(HistodetectWarning, match=r"label 1 patches come from one slide only \(s0\)"):
+        splits = split_indices(labels, groups, valid_fraction=0.1)
+    assert set(labels[splits == "train"]) == {0, 1}  # training keeps the lone slide
+    assert set(split_indices(labels, groups, valid_fraction=0)) == {"train"}
 
 
 @pytest.mark.parametrize("gz", [False, True])

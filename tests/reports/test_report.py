@@ -119,3 +119,40 @@ def test_report_renders_in_a_headless_browser_without_errors(reported, tmp_path)
         line for line in proc.stderr.splitlines() if "Uncaught" in line or ":CONSOLE" in line
     ]
     assert not console, console
+
+
+@pytest.mark.slow
+def test_report_names_an_external_evaluation_and_keeps_it_apart(reported, tmp_path):
+    from histodetect.inference.evaluate import evaluate
+    from tests.conftest import write_kaggle
+
+    run = _copy_run(reported[0], tmp_path / "run")
+    other = tmp_path / "hospital_b"
+    write_kaggle(other, n=30, seed=5)
+    evaluate(run, other, "all", n_boot=50)
+    scored = json.loads((run / "metrics_all.json").read_text())["data"]
+    assert scored["path"] == str(other.resolve()) and scored["n"] == 30
+    assert scored["run_data"] is False and scored["kind"] == "kaggle"
+    assert json.loads((run / "metrics_valid.json").read_text())["data"]["run_data"] is True
+
+    page = build_report(run).read_text(encoding="utf-8")
+    named = f"30 patches, every labelled patch of kaggle data at <code>{other.resolve()}</code>"
+    assert named in page and "External data: hospital_b all" in page
+    # The headline figures stay those of the run's own validation, named as such.
+    glance = page.split('id="glance"')[1].split('id="data"')[0]
+    assert "hospital_b" not in glance and "the valid split (as the run saw it)" in glance
+    own = page.split("On the run's own data")[1].split("External data")[0]
+    assert "hospital_b" not in own
+
+
+@pytest.mark.slow
+def test_report_with_data_evaluates_the_run_even_after_an_external_evaluation(reported, tmp_path):
+    from histodetect.inference.evaluate import evaluate
+    from tests.conftest import write_kaggle
+
+    run = _copy_run(reported[0], tmp_path / "run")
+    (run / "metrics_valid.json").unlink()
+    write_kaggle(tmp_path / "other", n=30, seed=5)
+    evaluate(run, tmp_path / "other", "all", n_boot=50)
+    build_report(run, reported[0].parent / "k")
+    assert json.loads((run / "metrics_valid.json").read_text())["data"]["run_data"] is True

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 import torch
 from PIL import Image
 
@@ -19,7 +20,6 @@ from histodetect.slides import mapping as slide_module
 from histodetect.slides.batch import list_slides, run_slides, shard
 from histodetect.slides.mapping import RegionMap, analyse, map_image, overlay_png
 from histodetect.slides.readers import _TiffReader, open_slide
-from histodetect.slides.regions import find_regions
 from histodetect.slides.resolution import choose_resolution
 from histodetect.slides.synthetic import render_region, truth_cells, write_synthetic_slide
 from histodetect.training.module import PatchModule
@@ -216,32 +216,6 @@ def test_map_image_interface_and_overlay(fcn):
         map_image(fcn, image.astype(np.float32))
 
 
-def test_regions_outline_cells_with_holes_and_diagonal_neighbours_apart():
-    mask = np.zeros((7, 8), bool)
-    mask[1:6, 1:6] = True
-    mask[3, 3] = False  # a hole
-    mask[6, 6] = True  # touches the square only at a corner: a region of its own
-    prob = np.where(mask, 0.9, 0.1).astype(np.float32)
-    prob[1, 1] = 0.99
-    regions = find_regions(prob, np.ones_like(mask), 0.5, 10.0, bounds=(75, 70), mpp=2.0)
-    assert [r["id"] for r in regions] == [1, 2]
-    square, corner = regions
-    assert square["max_prob"] == pytest.approx(0.99) and square["cells"] == 24
-    assert square["area_px"] == pytest.approx(2400.0)
-    assert square["area_mm2"] == pytest.approx(2400 * 4 / 1e6)
-    assert len(square["holes"]) == 1 and sorted(map(tuple, square["holes"][0][:-1])) == [
-        (30, 30),
-        (30, 40),
-        (40, 30),
-        (40, 40),
-    ]
-    outer = {tuple(p) for p in square["polygon"]}
-    assert outer == {(10, 10), (60, 10), (60, 60), (10, 60)}
-    assert square["longest_diameter_px"] == pytest.approx(50 * 2**0.5)
-    # The corner cell (60..70) is clipped to the 75x70 bounds: x stays, y is cut at 70.
-    assert {tuple(p) for p in corner["polygon"]} == {(60, 60), (70, 60), (70, 70), (60, 70)}
-
-
 # ----------------------------------------------------------------------------- outputs
 
 
@@ -264,6 +238,15 @@ def test_slide_command_writes_every_output(fcn_run, fcn, slide_file, tmp_path, c
     assert png.mode.startswith("I") and np.array_equal(
         np.asarray(png), np.round(prob * 65535).astype(np.uint16)
     )
+    # prob.tif: the same map, tiled, 0-255, its pixel size the cell size (32 px x 0.972 µm).
+    with tifffile.TiffFile(folder / "prob.tif") as tif:
+        page = tif.pages[0]
+        assert page.is_tiled and page.dtype == np.uint8
+        assert np.array_equal(page.asarray(), np.round(prob * 255).astype(np.uint8))
+        assert page.tags["ResolutionUnit"].value == tifffile.RESUNIT.CENTIMETER
+        for tag in ("XResolution", "YResolution"):
+            num, den = page.tags[tag].value
+            assert 1e4 * den / num == pytest.approx(32 * 0.972, rel=1e-6)  # µm per pixel
     assert Image.open(folder / "overlay.png").size[0] == 768  # the analysed level, < 2048 px
     assert summary["level"] == 1 and summary["analysed_mpp"] == pytest.approx(0.972)
     assert summary["synthetic"] and summary["mode"] == "dense"
@@ -384,6 +367,9 @@ def test_real_slide_fixtures(fcn_run, tmp_path, capsys):
     assert main(["slide", str(fcn_run), str(_shared("boxes-pyramid.tiff")), "--out", str(out)]) == 0
     boxes = json.loads((out / "boxes-pyramid" / "summary.json").read_text())
     assert boxes["tissue_cells"] == 0 and boxes["n_regions"] == 0 and boxes["level0_mpp"] is None
+    # The file records no resolution: level 0 was analysed as if at the model's 0.972 µm/px.
+    assert boxes["level0_mpp_assumed"] == pytest.approx(0.972)
+    assert "level0_mpp_assumed" not in summary  # CMU-1 records its own
     capsys.readouterr()
 
     expected = {

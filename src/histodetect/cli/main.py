@@ -12,6 +12,8 @@ import inspect
 import json
 import os
 import sys
+import warnings
+from functools import partial
 from pathlib import Path
 
 from histodetect import __version__
@@ -19,7 +21,7 @@ from histodetect import __version__
 # Imported for their @command registrations; each keeps its heavy imports inside the commands.
 from histodetect.cli import data, demo, infer, serve, slides, train  # noqa: F401
 from histodetect.cli.registry import COMMANDS, command, say
-from histodetect.errors import HistodetectError
+from histodetect.errors import HistodetectError, HistodetectWarning
 
 __all__ = ["COMMANDS", "HELP_ORDER", "build_parser", "command", "main", "say"]
 
@@ -38,6 +40,7 @@ HELP_ORDER = (
     "augment-preview",
     "models",
     "serve",
+    "view",
     "slide",
     "slide-eval",
     "slidesynth",
@@ -72,11 +75,21 @@ def _help_position(name: str) -> int:
     return HELP_ORDER.index(name) if name in HELP_ORDER else len(HELP_ORDER)
 
 
+def _show_warning(command: str, default, message, category, *rest) -> None:
+    """Our own warnings as one line, like errors; other libraries' warnings as usual."""
+    if issubclass(category, HistodetectWarning):
+        print(f"histodetect {command}: warning: {message}", file=sys.stderr)
+    else:
+        default(message, category, *rest)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run a subcommand; user errors print one paragraph and exit non-zero."""
     args = build_parser().parse_args(argv)
     try:
-        return args.func(args)
+        with warnings.catch_warnings():  # restores the hook after the command
+            warnings.showwarning = partial(_show_warning, args.command, warnings.showwarning)
+            return args.func(args)
     except HistodetectError as exc:
         print(f"histodetect {args.command}: error: {exc}", file=sys.stderr)
         problems = getattr(exc, "problems", None)

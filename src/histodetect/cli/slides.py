@@ -51,10 +51,10 @@ def cmd_slide(args: argparse.Namespace) -> int:
     close); sends only tissue to the model (optical density off the slide's own glass colour on a
     thumbnail, ink, dust and borders rejected, windows out of focus skipped), tile by tile in
     bounded memory; --mode dense computes each tile in one pass (padding-free models). Each
-    slide gets OUT/<name>/: prob.npy, prob.png (16-bit), tissue.png, overlay.png,
-    regions.geojson (QuPath, level-0 px), regions.csv and summary.json. Many slides: every
-    rank of torchrun/SLURM (RANK, WORLD_SIZE) takes its share; OUT/manifest-rank*.jsonl
-    records finished slides, which a rerun skips.
+    slide gets OUT/<name>/: prob.npy, prob.png (16-bit), prob.tif (tiled, µm-scaled),
+    tissue.png, overlay.png, regions.geojson (QuPath, level-0 px), regions.csv and
+    summary.json. Many slides: every rank of torchrun/SLURM (RANK, WORLD_SIZE) takes its
+    share; OUT/manifest-rank*.jsonl records finished slides, which a rerun skips.
     """
     from histodetect.slides.batch import list_slides, run_slides
     from histodetect.slides.slide import SlideOptions

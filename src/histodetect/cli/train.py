@@ -89,12 +89,14 @@ def _devices(args: argparse.Namespace) -> int | str:
 def cmd_train(args: argparse.Namespace) -> int:
     """Train a tumour-patch classifier; everything lands in the run folder.
 
-    The run folder holds config.yaml, environment.json, data.json, per-step/epoch metrics (CSV
-    and TensorBoard), curves.png, best/last checkpoints, model.safetensors and model.json.
+    The run folder holds config.yaml, environment.json, data.json, per-step/epoch metrics (CSV,
+    and TensorBoard with the tensorboard extra), curves.png, best/last checkpoints,
+    model.safetensors and model.json. A bad --config setting stops at once, naming it.
     """
+    # The config first: a bad setting fails in a second, before torch loads or data is read.
+    cfg = None if args.resume else _load_run_config(args)
     from histodetect.training.run import train
 
-    cfg = None if args.resume else _load_run_config(args)
     result = train(
         args.data,
         args.out,
@@ -147,12 +149,13 @@ def cmd_cv(args: argparse.Namespace) -> int:
     Rerun the same command after an interruption: finished folds are kept, the interrupted
     one resumes from its last checkpoint.
     """
+    cfg = _load_run_config(args)  # before the heavy imports: bad settings fail at once
     from histodetect.training.cv import cross_validate
 
     result = cross_validate(
         args.data,
         args.out,
-        _load_run_config(args),
+        cfg,
         args.folds,
         args.groups,
         tuple(args.holdout_tta),
@@ -176,11 +179,10 @@ def cmd_lr_find(args: argparse.Namespace) -> int:
     The suggested rate (steepest descent of the smoothed loss) is printed and marked on the plot;
     pass it to `histodetect train --lr`.
     """
+    cfg = _load_run_config(args)  # before the heavy imports: bad settings fail at once
     from histodetect.training.lr_find import lr_find
 
-    found = lr_find(
-        args.data, args.out, _load_run_config(args), args.accelerator, _devices(args), args.steps
-    )
+    found = lr_find(args.data, args.out, cfg, args.accelerator, _devices(args), args.steps)
     tag = " [SYNTHETIC DATA]" if found["synthetic"] else ""
     if found["suggested_lr"] is None:
         say(f"no clear suggestion (the loss never fell steadily): read {found['plot']}{tag}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -10,7 +11,7 @@ import numpy as np
 
 from histodetect import PATCH_SIZE
 from histodetect.data.patchio import PatchDecodeError
-from histodetect.errors import BadInputError, describe_problems
+from histodetect.errors import BadInputError, HistodetectWarning, describe_problems
 
 SPLITS = ("train", "valid", "test")
 
@@ -100,29 +101,84 @@ def split_indices(
 ) -> np.ndarray:
     """Reproducible stratified train/valid assignment, grouped by slide when groups are given.
 
-    Returns an array of "train"/"valid" strings. Groups (slides) never straddle the split, so
-    patches of one slide cannot leak from training into validation.
+    Without groups each class gives ``valid_fraction`` of its patches. With groups (slides),
+    whole slides go to validation, one fold of scikit-learn's ``StratifiedGroupKFold``, so
+    that validation's labels mirror the whole set's and both sides hold every class (a
+    checkpoint, threshold and temperature chosen on one class are chosen on nothing). The fold
+    is one of ``round(1 / valid_fraction)``, or of fewer (a larger share) when no fold of that
+    many holds every class.
+
+    When that is impossible (one slide in all, or a class on one slide only) the split is made
+    as well as it can be (training keeps every class; one slide is split by patch, as without
+    groups) and a :class:`HistodetectWarning` says why.
+
+    Returns:
+        An array of "train"/"valid" strings.
     """
-    rng = np.random.default_rng(seed)
     n = len(labels)
     splits = np.full(n, "train", dtype="<U5")
     if n < 2 or valid_fraction <= 0:
         return splits
-    valid = np.zeros(n, bool)
     if groups is not None and len(np.unique(groups)) >= 2:
-        # Whole slides go to validation, in random order, until it holds its share of patches.
-        names, inverse = np.unique(groups, return_inverse=True)
-        sizes = np.bincount(inverse)
-        chosen = np.zeros(len(names), bool)
-        target = valid_fraction * n
-        for g in rng.permutation(len(names)):
-            if sizes[chosen].sum() >= target or chosen.sum() == len(names) - 1:
-                break
-            chosen[g] = True
-        valid = chosen[inverse]
-    else:
-        for label in np.unique(labels):  # stratified: each class gets the same share
-            members = rng.permutation(np.flatnonzero(labels == label))
-            valid[members[: round(valid_fraction * len(members))]] = True
+        splits[_valid_slides(labels, np.asarray(groups).astype(str), valid_fraction, seed)] = (
+            "valid"
+        )
+        return splits
+    if groups is not None:
+        warnings.warn(
+            f"all {n} patches come from one slide ({groups[0]}): validation is split by patch, "
+            "so its scores are optimistic (neighbouring patches are in training). Add slides.",
+            HistodetectWarning,
+            stacklevel=2,
+        )
+    rng = np.random.default_rng(seed)
+    valid = np.zeros(n, bool)
+    for label in np.unique(labels):  # stratified: each class gets the same share
+        members = rng.permutation(np.flatnonzero(labels == label))
+        valid[members[: round(valid_fraction * len(members))]] = True
     splits[valid] = "valid"
     return splits
+
+
+def _valid_slides(
+    labels: np.ndarray, groups: np.ndarray, valid_fraction: float, seed: int
+) -> np.ndarray:
+    """Row indices of the validation slides (at least two slides): the stratified fold that
+    leaves every class to training and holds every class itself, closest to the wanted size."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    classes, inverse = np.unique(labels, return_inverse=True)
+    # scikit-learn refuses more folds than there are slides or patches of the largest class.
+    most = min(
+        max(round(1 / valid_fraction), 2), len(np.unique(groups)), np.bincount(inverse).max()
+    )
+    target = valid_fraction * len(labels)
+    scored = []  # ((training has every class, validation has every class, -size miss), rows)
+    with warnings.catch_warnings():
+        # "least populated class has fewer members than n_splits": classes are checked here.
+        warnings.simplefilter("ignore", UserWarning)
+        for k in range(most, 1, -1):
+            folds = StratifiedGroupKFold(k, shuffle=True, random_state=seed)
+            for _, rows in folds.split(np.zeros(len(labels)), labels, groups):
+                train_all = np.isin(classes, np.delete(labels, rows)).all()
+                valid_all = len(np.unique(labels[rows])) == len(classes)
+                scored.append(((train_all, valid_all, -abs(len(rows) - target)), rows))
+            if any(key[0] and key[1] for key, _ in scored):
+                break
+    (train_all, valid_all, _), rows = max(scored, key=lambda item: item[0])
+    if not (train_all and valid_all):
+        lonely = [c for c in classes if len(np.unique(groups[labels == c])) < 2]
+        why = (
+            f"label {int(lonely[0])} patches come from one slide only "
+            f"({groups[labels == lonely[0]][0]})"
+            if lonely
+            else "no split of these slides keeps every class on both sides"
+        )
+        warnings.warn(
+            f"validation cannot hold every class while split by slide: {why}, so the best "
+            "checkpoint, threshold and temperature are chosen without it. Add slides with "
+            "that class.",
+            HistodetectWarning,
+            stacklevel=3,
+        )
+    return rows

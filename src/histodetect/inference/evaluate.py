@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -146,6 +146,9 @@ class Evaluation:
     synthetic: bool
     thresholds_from: str = "the scored split"
     notes: tuple[str, ...] = ()
+    # What was scored (``validation.scored_data``): folder, kind, store, split, count and
+    # whether it is the run's own data; empty when not scored from a folder (cv, slide-eval).
+    data: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -153,6 +156,7 @@ class Evaluation:
         m = self.metrics
         lines = [
             f"{self.split}: {self.n} patches, TTA x{self.tta}"
+            + (f" of {self.data['path']}" if self.data.get("path") else "")
             + ("  [SYNTHETIC DATA]" if self.synthetic else ""),
             f"  ROC AUC {m['auc']:.4f} (95% CI {lo:.4f}-{hi:.4f})",
             f"  accuracy {m['accuracy']:.4f}, balanced {m['balanced_accuracy']:.4f}, "
@@ -294,7 +298,7 @@ def evaluate(
     """
     from histodetect.data.loaders import labelled_split
     from histodetect.inference.predictor import MODEL_META, Predictor
-    from histodetect.inference.validation import own_validation, training_overlap
+    from histodetect.inference.validation import own_validation, scored_data, training_overlap
 
     runs = [Path(r) for r in (runs if isinstance(runs, list) else [runs])]
     if out is None and len(runs) > 1:
@@ -323,8 +327,9 @@ def evaluate(
         choose=split == "valid",
         notes=training_overlap(runs, store, idx, split),
     )
+    ev = replace(ev, data=scored_data(runs, data, store, split, len(y)))
     write_atomic(out / f"metrics_{split}.json", json.dumps(asdict(ev), indent=2).encode())
-    title = f"{out.name} on {split} ({len(y)} patches, TTA x{tta})"
+    title = f"{out.name} on {Path(data).name} {split} ({len(y)} patches, TTA x{tta})"
     plot_evaluation(
         y,
         p,

@@ -113,3 +113,22 @@ def training_overlap(
                     "where its thresholds were chosen."
                 )
     return tuple(notes)
+
+
+def scored_data(runs: list[Path], data: str | Path, store: Store, split: str, n: int) -> dict:
+    """What an evaluation scored, as saved beside its metrics so that a report can name it.
+
+    ``run_data`` is True when DATA is the data every run was trained on (same fingerprint in
+    ``data.json``); otherwise the evaluation is external and is shown apart from the run's own.
+    """
+    fingerprint = store.manifest.get("fingerprint")
+    source = store.manifest.get("source") or {}
+    return {
+        "path": str(Path(data).resolve()),
+        "kind": source.get("kind"),
+        "store": str(store.path),
+        "fingerprint": fingerprint,
+        "split": split,
+        "n": n,
+        "run_data": fingerprint is not None and all(_fingerprint(r) == fingerprint for r in runs),
+    }

@@ -165,7 +165,8 @@ def _section_header(run: Path, model: dict, synthetic: bool, evals: dict[str, di
         '<a href="#explain">Explanations</a><a href="#config">Configuration</a>'
         '<a href="#versions">Versions</a></nav>'
     )
-    split, ev = next(iter(evals.items()), (None, None))
+    own = {s: e for s, e in evals.items() if not _is_external(e)}
+    split, ev = next(iter((own or evals).items()), (None, None))
     parts.append('<h2 id="glance">At a glance</h2>')
     if ev is None:
         parts.append(_missing("Not evaluated yet: no metrics_<split>.json in the run folder."))
@@ -180,26 +181,70 @@ def _section_header(run: Path, model: dict, synthetic: bool, evals: dict[str, di
     parts.append('<div class="cards">')
     for key, label in cards:
         parts.append(
-            f'<div class="card"><div class="k">{_esc(label)} ({_esc(split)})</div>'
+            f'<div class="card"><div class="k">{_esc(label)} ({_esc(_column(split, ev))})</div>'
             f'<div class="v">{_esc(_num(m.get(key)))}</div>'
             f'<div class="ci">95% CI {_esc(_interval(ci.get(key)))}</div></div>'
         )
     parts.append("</div>")
     parts.append(
-        f"<p>On {_esc(_num(ev.get('n')))} {_esc(split)} patches, at threshold "
+        f"<p>On {_scored(split, ev)}, at threshold "
         f"{_esc(_num(ev.get('thresholds', {}).get('run'), 3))}"
         f"{' (' + SYNTHETIC_BANNER + ')' if ev.get('synthetic') else ''}.</p>"
     )
     return parts
 
 
-def _section_data(data: dict | None) -> list[str]:
+def _is_external(ev: dict) -> bool:
+    """Whether an evaluation scored other data than the run was trained on (as recorded)."""
+    return (ev.get("data") or {}).get("run_data") is False
+
+
+def _column(split: str, ev: dict) -> str:
+    """A short name for an evaluation: its split, after the data's folder name if external."""
+    path = (ev.get("data") or {}).get("path")
+    return f"{Path(path).name} {split}" if _is_external(ev) and path else split
+
+
+def _scored(split: str, ev: dict) -> str:
+    """HTML naming what an evaluation scored: how many patches, which split, which folder."""
+    data = ev.get("data") or {}
+    n = _esc(_num(ev.get("n")))
+    if not data.get("path"):
+        # Evaluations written before evaluate recorded its data: say so rather than guess.
+        return (
+            f"{n} {_esc(split)} patches (which data was not recorded: re-run histodetect "
+            "evaluate to name it)"
+        )
+    which = "every labelled patch" if split == "all" else f"the {split} split (as the run saw it)"
+    kind = f"{data['kind']} data" if data.get("kind") else "data"
+    whose = (
+        "external: another data set than the one the run was trained on"
+        if _is_external(ev)
+        else "the run's own data"
+    )
+    return (
+        f"{n} patches, {_esc(which)} of {_esc(kind)} at <code>{_esc(data['path'])}</code> ({whose})"
+    )
+
+
+def _section_data(data: dict | None, evals: dict[str, dict]) -> list[str]:
     parts = ['<h2 id="data">Data</h2>']
+    external = [
+        f"<li>{_esc(_column(split, ev))}: {_scored(split, ev)}</li>"
+        for split, ev in evals.items()
+        if _is_external(ev)
+    ]
+    if external:
+        external = [
+            "<p>Also evaluated on other data, shown apart under Evaluation:</p>",
+            f"<ul>{''.join(external)}</ul>",
+        ]
     if data is None:
-        return [*parts, _missing("data.json is missing from the run folder.")]
+        return [*parts, _missing("data.json is missing from the run folder."), *external]
     source = data.get("source", {})
     parts.append(
-        f"<p>Source: {_esc(source.get('kind', '?'))} data at "
+        "<p>The data the run was trained and validated on. "
+        f"Source: {_esc(source.get('kind', '?'))} data at "
         f"<code>{_esc(source.get('path', '?'))}</code>, packed into "
         f"<code>{_esc(data.get('store', '?'))}</code>. Fingerprint "
         f"<code>{_esc(str(data.get('fingerprint', '?'))[:16])}</code>"
@@ -219,7 +264,7 @@ def _section_data(data: dict | None) -> list[str]:
         )
     header = ["split", "normal (0)", "tumour (1)", "unlabelled", "total", "tumour share"]
     parts.append(_table(header, rows))
-    return parts
+    return [*parts, *external]
 
 
 def _section_training(run: Path, training: dict | None, config: dict | None) -> list[str]:
@@ -311,8 +356,27 @@ def _section_evaluation(run: Path, evals: dict[str, dict]) -> list[str]:
         "intervals (patches resampled). Patches cut from the same slide are correlated, so "
         "the intervals are optimistic when many patches share a slide.</p>"
     )
-    parts.append(_metrics_table(evals))
+    own = {s: e for s, e in evals.items() if not _is_external(e)}
+    if own:
+        parts.append("<h3>On the run's own data</h3>")
+        parts.append(
+            "<ul>"
+            + "".join(f"<li>{_esc(s)}: {_scored(s, e)}</li>" for s, e in own.items())
+            + "</ul>"
+        )
+        parts.append(_metrics_table(own))
+        for split, ev in own.items():
+            parts += _split_details(run, split, ev)
     for split, ev in evals.items():
+        if split in own:
+            continue
+        parts.append(f"<h3>External data: {_esc(_column(split, ev))}</h3>")
+        parts.append(
+            f"<p>On {_scored(split, ev)}. The run's threshold is used as it is; other "
+            f"thresholds and the temperature were chosen on {_esc(ev.get('thresholds_from'))}."
+            "</p>"
+        )
+        parts.append(_metrics_table({split: ev}))
         parts += _split_details(run, split, ev)
     return parts
 
@@ -325,7 +389,7 @@ def _metrics_table(evals: dict[str, dict]) -> str:
         ev = evals[split]
         tag = " SYNTHETIC" if ev.get("synthetic") else ""
         header += [
-            f"{_esc(split)} (n={_num(ev.get('n'))}{tag})",
+            f"{_esc(_column(split, ev))} (n={_num(ev.get('n'))}{tag})",
             "95% CI",
         ]
     header.append("meaning")
@@ -348,7 +412,7 @@ def _metrics_table(evals: dict[str, dict]) -> str:
 
 def _split_details(run: Path, split: str, ev: dict) -> list[str]:
     """One split: its thresholds table, calibrating temperature and evaluation figure."""
-    parts = [f"<h3>{_esc(split)} split</h3>"]
+    parts = [f"<h4>{_esc(_column(split, ev))}: thresholds and figures</h4>"]
     table = _thresholds_table(ev)
     if table:
         parts.append(table)
@@ -532,7 +596,7 @@ def render_report(run: str | Path) -> str:
         f"<style>{CSS}</style>",
         "</head><body><main>",
         *_section_header(run, model, synthetic, evals),
-        *_section_data(data),
+        *_section_data(data, evals),
         *(
             _section_cross_validation(run, model)
             if "members" in model
@@ -574,7 +638,8 @@ def build_report(run: str | Path, data: str | Path | None = None) -> Path:
         from histodetect.data.loaders import run_data_config
 
         split = scoring_split(run_data_config(run))
-        if not _eval_splits(run):
+        # An external evaluation does not stand in for the run's own.
+        if all(_is_external(ev) for ev in _eval_splits(run).values()):
             from histodetect.inference.evaluate import evaluate
 
             evaluate(run, data, split)

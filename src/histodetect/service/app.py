@@ -33,6 +33,9 @@ from histodetect.service.schemas import (
     Limits,
 )
 from histodetect.service.state import Service
+from histodetect.service.viewer import add_viewer, setup_logging
+from histodetect.slides.viewer.catalogue import Catalogue
+from histodetect.slides.viewer.library import SlideLibrary
 
 __all__ = ["Service", "create_app", "model_description", "serve"]
 
@@ -94,6 +97,9 @@ def create_app(
     batch_wait_ms: float = DEFAULT_BATCH_WAIT_MS,
     device: str = "auto",
     predictor: Predictor | None = None,
+    slides: list[str | Path] | None = None,
+    slide_dirs: list[str | Path] = (),
+    annotations: str | Path | None = None,
 ) -> FastAPI:
     """The FastAPI app serving one run: the API under ``/v1``, the web page at ``/``.
 
@@ -110,12 +116,18 @@ def create_app(
         batch_wait_ms: how long the micro-batcher waits for concurrent requests.
         device: torch device for the model ("auto", "cpu", "cuda", ...).
         predictor: an already loaded predictor of ``run`` (tests, benchmarks).
+        slides: output folders of `histodetect slide`: adds the slide viewer at ``/slides``
+            (``histodetect.service.viewer``), behind the same API key.
+        slide_dirs: where the viewer looks for slide files whose recorded path is gone.
+        annotations: folder of ground-truth annotations the viewer shows beside the maps.
 
     Raises:
         HistodetectError: when the run folder is incomplete or an option is out of range.
     """
     run = Path(run)
     _check_options(tta, max_upload_mb, max_files, max_patch_side, max_pixels, timeout_s)
+    # The slide folders first: a mistyped --slides fails before the model is loaded.
+    catalogue = Catalogue(slides, slide_dirs, annotations) if slides else None
     predictor = predictor or Predictor.from_run(run, device)
     limits = Limits(
         max_upload_mb=max_upload_mb,
@@ -139,6 +151,8 @@ def create_app(
     add_error_handlers(app)
     register_routes(app, service)
     add_web_page(app)
+    if catalogue is not None:
+        add_viewer(app, SlideLibrary(catalogue), service.api_key)
     return app
 
 
@@ -205,6 +219,8 @@ def serve(
     """
     import uvicorn
 
+    if options.get("slides"):
+        setup_logging()  # before the viewer is built: it warns when OpenSeadragon is missing
     app = create_app(run, **options)
     service: Service = app.state.service
     where = f"[{host}]" if ":" in host else host
@@ -212,6 +228,8 @@ def serve(
         f"serving {run} (model {service.model_id}) at http://{where}:{port}/ (Ctrl-C stops)",
         flush=True,
     )
+    if options.get("slides"):
+        print(f"slide viewer at http://{where}:{port}/slides", flush=True)
     uvicorn.run(
         app,
         host=host,

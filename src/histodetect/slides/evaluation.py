@@ -94,20 +94,21 @@ def read_reference(path: str | Path) -> dict[str, bool]:
 def slide_auc(
     truth: list[bool], scores: list[float], *, n_boot: int = 1000, seed: int = 0
 ) -> dict | None:
-    """Slide-level ROC AUC with a percentile-bootstrap 95% interval (None with one class).
+    """Slide-level ROC AUC with a bootstrap 95% interval (None with one class).
 
-    The interval is ``histodetect.inference.evaluate.bootstrap_intervals`` (resampling
-    slides), the project's one bootstrap.
+    The interval is :func:`histodetect.inference.bootstrap.auc_interval`: tumour and normal
+    slides resampled separately, BCa (few slides).
     """
-    from histodetect.inference.evaluate import bootstrap_intervals, point_metrics
+    from sklearn.metrics import roc_auc_score
+
+    from histodetect.inference.bootstrap import auc_interval
 
     y, p = np.asarray(truth, np.int64), np.asarray(scores, np.float64)
     if len(np.unique(y)) < 2:
         return None
-    ci = bootstrap_intervals(y, p, 0.5, n_boot=n_boot, seed=seed).get("auc")
     return {
-        "auc": point_metrics(y, p)["auc"],
-        "ci95": list(ci) if ci else None,
+        "auc": float(roc_auc_score(y, p)),
+        "ci95": list(auc_interval(y, p, n_resamples=n_boot, seed=seed)),
         "n_tumour": int(y.sum()),
         "n_normal": int(len(y) - y.sum()),
         "n_boot": n_boot,

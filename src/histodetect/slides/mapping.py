@@ -13,7 +13,7 @@ from histodetect.inference.predictor import Predictor
 from histodetect.slides import DEFAULT_MIN_TISSUE
 from histodetect.slides.cells import TILE_CELLS, InferenceStats, predict_cells, resolve_mode
 from histodetect.slides.readers import ArrayReader, SlideReader
-from histodetect.slides.regions import find_regions
+from histodetect.slides.regions import cell_regions, measure_regions
 from histodetect.slides.render import png_bytes, render_overlay
 from histodetect.slides.resolution import (
     Resolution,
@@ -175,14 +175,16 @@ def analyse(
         progress=progress,
         desc=Path(reader.name).name,
     )
-    regions = find_regions(prob, tissue, threshold, stride, bounds=(w, h), mpp=res.mpp)
+    # One set of outlines in cell units, measured in working pixels and at level 0.
+    shapes = cell_regions(prob, tissue, threshold)
+    regions = measure_regions(shapes, stride, bounds=(w, h), mpp=res.mpp)
     region_map = RegionMap(prob, tissue, stride, regions, threshold, mode)
     analysis = Analysis(region_map, res, thumb, t, stats)
     if res.scale == 1.0:
         analysis.regions_level0 = regions
     else:
         level0 = (w * res.scale, h * res.scale)
-        analysis.regions_level0 = find_regions(
-            prob, tissue, threshold, stride * res.scale, bounds=level0, mpp=reader.mpp
+        analysis.regions_level0 = measure_regions(
+            shapes, stride * res.scale, bounds=level0, mpp=reader.mpp
         )
     return analysis

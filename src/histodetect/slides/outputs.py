@@ -20,6 +20,7 @@ from histodetect.slides.render import png_bytes, render_overlay
 OUTPUTS = {
     "prob_npy": "prob.npy",
     "prob_png": "prob.png",
+    "prob_tiff": "prob.tif",
     "tissue_png": "tissue.png",
     "overlay_png": "overlay.png",
     "geojson": "regions.geojson",
@@ -67,6 +68,51 @@ def geojson_bytes(regions: list[dict], slide: str, tags: list[str] | None = None
         "histodetect": {"slide": slide, "coordinates": "level-0 pixels", "tags": tags or []},
     }
     return json.dumps(doc).encode()
+
+
+def prob_tiff_bytes(prob: np.ndarray, cell_um: float | None, slide: str) -> bytes:
+    """The probability map as a tiled 8-bit TIFF whose resolution tags give the cell size.
+
+    One pixel per map cell, value ``round(255 x P(tumour))`` (0 also where no tissue was
+    predicted; ``tissue.png`` tells the two apart). 8-bit rather than float because viewers'
+    overlays (ASAP's likelihood maps, QuPath's display ranges) expect 0-255; ``prob.npy``
+    keeps the exact floats. TIFF's resolution unit is the inch or the centimetre, so the
+    tags hold pixels per centimetre: 10,000 / ``cell_um``, which OpenSlide, ASAP, QuPath and
+    Fiji read back as µm per pixel. The map's (0, 0) corner is the slide's level-0 (0, 0).
+
+    Args:
+        prob: (rows, cols) P(tumour) per cell.
+        cell_um: µm per map cell (stride x analysed µm/px); None when the slide's
+            resolution is unknown, and then no resolution is written.
+        slide: The slide's file name, for the description.
+    """
+    import tifffile
+
+    size = f"{cell_um:.6g} um" if cell_um else "unknown size"
+    name = slide.encode("ascii", "backslashreplace").decode()  # TIFF text is 7-bit ASCII
+    description = (
+        f"histodetect P(tumour) map of {name}: pixel = round(255 x P(tumour)), 0 also off "
+        f"tissue; one pixel per map cell of {size}; origin at the slide's level-0 (0, 0)"
+    )
+    resolution = {}
+    if cell_um:
+        per_cm = 1e4 / cell_um
+        resolution = {
+            "resolution": (per_cm, per_cm),
+            "resolutionunit": tifffile.RESUNIT.CENTIMETER,
+        }
+    buf = io.BytesIO()
+    tifffile.imwrite(
+        buf,
+        np.round(np.clip(prob, 0.0, 1.0) * 255).astype(np.uint8),
+        photometric="minisblack",
+        tile=(256, 256),
+        compression="zlib",
+        description=description,
+        metadata=None,  # no tifffile JSON in place of the description
+        **resolution,
+    )
+    return buf.getvalue()
 
 
 def regions_csv_bytes(regions: list[dict]) -> bytes:
@@ -153,6 +199,9 @@ def write_maps(
         out / OUTPUTS["prob_png"],
         png_bytes(np.round(rm.prob * 65535).astype(np.uint16)),
     )
+    mpp = analysis.resolution.mpp
+    cell_um = rm.stride * mpp if mpp else None
+    write_atomic(out / OUTPUTS["prob_tiff"], prob_tiff_bytes(rm.prob, cell_um, slide))
     write_atomic(out / OUTPUTS["tissue_png"], png_bytes(rm.tissue.astype(np.uint8) * 255))
     caption = f"{slide}: regions >= {rm.threshold:.2f} outlined" + (
         f"  [{'; '.join(tags)}]" if tags else ""

@@ -1,80 +1,150 @@
-"""Tumour regions: connected cells above the threshold, traced as polygons with measurements."""
+"""Tumour regions: 4-connected cells above the threshold, as polygons with measurements.
+
+One geometry path, on shapely/GEOS: cells are labelled into 4-connected groups
+(scikit-image), each group becomes one polygon in cell units (the union of its runs of cells,
+holes kept), collinear corners are dropped, and the polygon is scaled to output pixels and
+clipped to the image. Areas, centroids and longest diameters are read from that geometry, so
+what is measured is what is written.
+"""
 
 from __future__ import annotations
 
-import contextlib
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from shapely.geometry import Polygon
 
-def _trace_rings(mask: np.ndarray) -> list[list[tuple[int, int]]]:
-    """Outlines of a 4-connected cell mask along cell edges, as closed rings of (x, y) corners.
+# shapely is imported inside functions: importing this module (and so the CLI) stays cheap.
 
-    Every boundary edge is walked with the cells on its right (clockwise on screen, where y
-    grows downwards); at a corner where two cells touch only diagonally the walk turns right,
-    which keeps such cells apart as 4-connectivity does. Outer rings have a positive shoelace
-    area, holes a negative one. Collinear corners are dropped.
+
+@dataclass(frozen=True)
+class CellRegion:
+    """One 4-connected group of cells above the threshold.
+
+    Attributes:
+        shape: Its outline as a shapely ``Polygon`` in cell units: cell (r, c) is the unit
+            square ``[c, c + 1] x [r, r + 1]``, so ``shape.area`` is the number of cells.
+        values: The probabilities of its cells.
     """
-    m = np.pad(mask.astype(bool), 1)
-    inner = m[1:-1, 1:-1]
-    nxt: dict[tuple[int, int, int, int], tuple[int, int, int, int]] = {}
-    edges: dict[tuple[int, int], list[tuple[int, int]]] = {}
-    sides = (
-        (m[:-2, 1:-1], (0, 0), (1, 0)),  # top edge, walked east
-        (m[1:-1, 2:], (1, 0), (1, 1)),  # right edge, walked south
-        (m[2:, 1:-1], (1, 1), (0, 1)),  # bottom edge, walked west
-        (m[1:-1, :-2], (0, 1), (0, 0)),  # left edge, walked north
-    )
-    for neighbour, (ax, ay), (bx, by) in sides:
-        rr, cc = np.nonzero(inner & ~neighbour)
-        for r, c in zip(rr.tolist(), cc.tolist(), strict=True):
-            edges.setdefault((c + ax, r + ay), []).append((c + bx, r + by))
-    for (x0, y0), ends in list(edges.items()):
-        for x1, y1 in ends:
-            dx, dy = x1 - x0, y1 - y0
-            options = edges[(x1, y1)]
-            # Right turn first (heading (dx, dy), right is (-dy, dx) with y down), then ahead.
-            for want in ((-dy, dx), (dx, dy), (dy, -dx)):
-                end = (x1 + want[0], y1 + want[1])
-                if end in options:
-                    nxt[(x0, y0, x1, y1)] = (x1, y1, *end)
-                    break
-    rings = []
-    seen: set[tuple[int, int, int, int]] = set()
-    for start in nxt:
-        if start in seen:
-            continue
-        ring = []
-        edge = start
-        while edge not in seen:
-            seen.add(edge)
-            ring.append(edge)
-            edge = nxt[edge]
-        points = [(e[0], e[1]) for e in ring]
-        corners = [
-            p
-            for i, p in enumerate(points)
-            if (points[i - 1][0] - p[0], points[i - 1][1] - p[1])
-            != (p[0] - points[(i + 1) % len(points)][0], p[1] - points[(i + 1) % len(points)][1])
-        ]
-        rings.append([*corners, corners[0]])
-    return rings
+
+    shape: Polygon
+    values: np.ndarray
 
 
-def _shoelace(ring: np.ndarray) -> float:
-    x, y = ring[:, 0], ring[:, 1]
-    return float(np.sum(x[:-1] * y[1:] - x[1:] * y[:-1]) / 2)
+def _outline(own: np.ndarray, row0: int, col0: int) -> Polygon:
+    """The polygon covering the True cells of ``own`` (one 4-connected group), in cell units.
+
+    Each row's runs of cells become rectangles and GEOS unions them. Its overlay output is
+    valid by construction: where two cells of the group touch only at a corner, the pinch
+    becomes a hole touching the shell at one point (valid), never a ring that touches itself
+    (invalid), which is what a hand-written edge walk produced. Unioning runs rather than
+    single cells keeps the union fast (a solid region of 200,000 cells is a few hundred runs).
+    Collinear corners are then dropped (simplify with tolerance 0 removes only points exactly
+    on a straight edge, so the area stays the cell count), and the exterior is made
+    counter-clockwise in (x, y) with holes clockwise, the GeoJSON right-hand rule.
+    """
+    import shapely
+    from shapely.geometry.polygon import orient
+
+    edges = np.diff(np.pad(own, ((0, 0), (1, 1))).astype(np.int8), axis=1)
+    rows, starts = np.nonzero(edges == 1)
+    _, ends = np.nonzero(edges == -1)  # row-major order: pairs with ``starts`` run by run
+    runs = shapely.box(starts + col0, rows + row0, ends + col0, rows + row0 + 1)
+    shape = shapely.simplify(shapely.union_all(runs), 0.0)
+    return orient(shape, sign=1.0)
+
+
+def cell_regions(prob: np.ndarray, tissue: np.ndarray, threshold: float) -> list[CellRegion]:
+    """Connected (4-neighbour) tissue cells with ``prob >= threshold``, most suspicious first.
+
+    Two cells touching only at a corner belong to different regions. Regions are sorted by
+    their highest probability, then by size, so that ids agree at every scale.
+    """
+    from skimage.measure import label, regionprops
+
+    labels = label(tissue & (prob >= threshold), connectivity=1)
+    regions = []
+    for part in regionprops(labels):
+        r0, c0, _, _ = part.bbox
+        own = part.image
+        regions.append(CellRegion(_outline(own, r0, c0), prob[part.slice][own]))
+    regions.sort(key=lambda r: (-float(r.values.max()), -len(r.values)))
+    return regions
+
+
+def _diameter(geometry: object) -> float:
+    """Largest distance between two points of a geometry: between its convex hull's vertices."""
+    import shapely
+
+    hull = shapely.get_coordinates(geometry.convex_hull)  # a polygon, segment or point
+    if not len(hull):
+        return 0.0
+    d = hull[:, None, :] - hull[None, :, :]
+    return float(np.sqrt((d**2).sum(-1)).max())
 
 
 def longest_diameter(points: np.ndarray) -> float:
-    """Largest distance between two outline points (on their convex hull when there are many)."""
-    if len(points) > 64:
-        from scipy.spatial import ConvexHull, QhullError
+    """Largest distance between two of ``points`` (N, 2), found on their convex hull."""
+    import shapely
 
-        with contextlib.suppress(QhullError):  # collinear points: keep them all
-            points = points[ConvexHull(points).vertices]
-    d = points[:, None, :] - points[None, :, :]
-    return float(np.sqrt((d**2).sum(-1)).max()) if len(points) else 0.0
+    if not len(points):
+        return 0.0
+    return _diameter(shapely.multipoints(np.asarray(points, np.float64)))
+
+
+def measure_regions(
+    regions: list[CellRegion],
+    cell: float,
+    *,
+    bounds: tuple[float, float],
+    mpp: float | None = None,
+) -> list[dict]:
+    """Region records in output pixels: outlines scaled by ``cell`` and clipped to ``bounds``.
+
+    Args:
+        regions: From ``cell_regions``.
+        cell: Output pixels per cell side (stride x level-0 scale for slides).
+        bounds: (width, height) in output pixels; the last row and column of cells may reach
+            past the image, and their outlines are cut at its edge.
+        mpp: µm per output pixel, for areas in mm² and diameters in mm.
+
+    Returns:
+        One dict per region, ids from 1 in the order given; see ``RegionMap``.
+    """
+    import shapely
+    from shapely import affinity
+    from shapely.geometry.polygon import orient
+
+    frame = shapely.box(0.0, 0.0, *bounds)
+    out = []
+    for i, region in enumerate(regions, start=1):
+        shape = affinity.scale(region.shape, cell, cell, origin=(0.0, 0.0))
+        if not frame.contains(shape):
+            # Cutting a strip off the last row/column keeps every cell (each starts inside
+            # the image), so the result is still one polygon.
+            shape = orient(shape.intersection(frame), sign=1.0)
+        area = float(shape.area)
+        diameter = _diameter(shape)
+        centre = shape.centroid
+        out.append(
+            {
+                "id": i,
+                "area_px": area,
+                "area_mm2": area * mpp**2 / 1e6 if mpp else None,
+                "max_prob": float(region.values.max()),
+                "mean_prob": float(region.values.mean()),
+                "cells": len(region.values),
+                "centroid": [centre.x, centre.y],
+                "longest_diameter_px": diameter,
+                "longest_diameter_mm": diameter * mpp / 1000 if mpp else None,
+                "polygon": np.asarray(shape.exterior.coords).tolist(),
+                "holes": [np.asarray(ring.coords).tolist() for ring in shape.interiors],
+            }
+        )
+    return out
 
 
 def find_regions(
@@ -88,6 +158,9 @@ def find_regions(
 ) -> list[dict]:
     """Connected (4-neighbour) tissue cells with ``prob >= threshold``, as region records.
 
+    ``cell_regions`` then ``measure_regions``; call those two directly to measure the same
+    regions at several scales without labelling the cells again.
+
     Args:
         prob: Cell probabilities.
         tissue: Cells that were predicted.
@@ -97,42 +170,6 @@ def find_regions(
         mpp: µm per output pixel, for areas in mm² and diameters in mm.
 
     Returns:
-        Regions sorted by max probability (then area), ids from 1; see ``RegionMap``.
+        Regions sorted by max probability (then size), ids from 1; see ``RegionMap``.
     """
-    from scipy import ndimage
-
-    labels, _ = ndimage.label(tissue & (prob >= threshold))
-    regions = []
-    for k, sl in enumerate(ndimage.find_objects(labels), start=1):
-        if sl is None:
-            continue
-        own = labels[sl] == k
-        rings = []
-        for ring in _trace_rings(own):
-            pts = np.asarray(ring, np.float64)
-            pts[:, 0] = np.minimum((pts[:, 0] + sl[1].start) * cell, bounds[0])
-            pts[:, 1] = np.minimum((pts[:, 1] + sl[0].start) * cell, bounds[1])
-            rings.append(pts)
-        rings.sort(key=_shoelace, reverse=True)  # the outer ring first, holes after
-        area = sum(_shoelace(r) for r in rings)
-        values = prob[sl][own]
-        diameter = longest_diameter(rings[0][:-1])
-        cy, cx = ndimage.center_of_mass(own)
-        regions.append(
-            {
-                "area_px": area,
-                "area_mm2": area * mpp**2 / 1e6 if mpp else None,
-                "max_prob": float(values.max()),
-                "mean_prob": float(values.mean()),
-                "cells": int(own.sum()),
-                "centroid": [(cx + sl[1].start + 0.5) * cell, (cy + sl[0].start + 0.5) * cell],
-                "longest_diameter_px": diameter,
-                "longest_diameter_mm": diameter * mpp / 1000 if mpp else None,
-                "polygon": rings[0].tolist(),
-                "holes": [r.tolist() for r in rings[1:]],
-            }
-        )
-    regions.sort(key=lambda r: (-r["max_prob"], -r["area_px"]))
-    for i, region in enumerate(regions, start=1):
-        region["id"] = i
-    return [{"id": r.pop("id"), **r} for r in regions]
+    return measure_regions(cell_regions(prob, tissue, threshold), cell, bounds=bounds, mpp=mpp)

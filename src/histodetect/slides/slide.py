@@ -47,7 +47,8 @@ def analyse_slide(
 ) -> dict:
     """Map one slide and write every output into the folder ``out`` (atomically, file by file).
 
-    Outputs: ``prob.npy`` (float32 cells), ``prob.png`` (16-bit: P x 65535), ``tissue.png``,
+    Outputs: ``prob.npy`` (float32 cells), ``prob.png`` (16-bit: P x 65535), ``prob.tif``
+    (tiled, 8-bit: P x 255, resolution tags = the cell size), ``tissue.png``,
     ``overlay.png`` (heatmap on the thumbnail), ``regions.geojson`` (QuPath annotations in
     level-0 pixels), ``regions.csv`` and ``summary.json``, written last.
 

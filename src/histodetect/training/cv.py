@@ -16,7 +16,7 @@ from histodetect.data.loaders import ensure_store
 from histodetect.data.store import Store
 from histodetect.errors import HistodetectError
 from histodetect.files import write_atomic
-from histodetect.inference.evaluate import bootstrap_intervals
+from histodetect.inference.bootstrap import auc_interval
 from histodetect.inference.predictor import MODEL_META, Predictor
 from histodetect.inference.validation import OOF_FILE
 from histodetect.training.run import train
@@ -249,13 +249,13 @@ def _summarise(
             }
         )
     aucs = np.array([f["auc"] for f in folds])
-    ci = bootstrap_intervals(y, p, 0.5, n_boot=1000)["auc"]
+    ci = auc_interval(y, p, n_resamples=1000)
     return CVResult(
         out=str(out),
         grouping=grouping,
         folds=folds,
         oof_auc=_auc(y, p),
-        oof_interval=(float(ci[0]), float(ci[1])),
+        oof_interval=ci,
         mean_auc=float(aucs.mean()),
         std_auc=float(aucs.std(ddof=1)),
         holdout=_holdout(out, store, cfg, holdout_tta),

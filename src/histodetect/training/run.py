@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -234,13 +235,11 @@ def _build_trainer(
     num_nodes: int,
     strategy: str,
 ) -> tuple[L.Trainer, ModelCheckpoint, Throughput]:
-    """The Lightning trainer (limits, precision, callbacks, CSV and TensorBoard logs in ``run``).
+    """The Lightning trainer (limits, precision, callbacks, the logs of :func:`run_loggers`).
 
     Returns it with its best-checkpoint keeper and throughput meter.
     """
     callbacks, best, speed = _callbacks(run, cfg, progress)
-    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
-
     trainer = L.Trainer(
         default_root_dir=run,
         max_epochs=cfg.train.epochs,
@@ -254,16 +253,24 @@ def _build_trainer(
         accumulate_grad_batches=cfg.train.accumulate,
         gradient_clip_val=cfg.train.grad_clip or None,
         callbacks=callbacks,
-        logger=[
-            CSVLogger(run, name="", version="logs"),
-            TensorBoardLogger(run, name="tensorboard", version=""),
-        ],
+        logger=run_loggers(run),
         enable_progress_bar=progress,
         enable_model_summary=False,
         log_every_n_steps=5,
         use_distributed_sampler=True,
     )
     return trainer, best, speed
+
+
+def run_loggers(run: Path) -> list:
+    """Metrics logs in ``run``: ``logs/metrics.csv`` always, ``tensorboard/`` when TensorBoard
+    is installed (the ``tensorboard`` extra: a heavy package that nothing else needs)."""
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    loggers = [CSVLogger(run, name="", version="logs")]
+    if importlib.util.find_spec("tensorboard") or importlib.util.find_spec("tensorboardX"):
+        loggers.append(TensorBoardLogger(run, name="tensorboard", version=""))
+    return loggers
 
 
 def _fit(

@@ -1,7 +1,7 @@
 """GPU speed of the one-GPU recipe: raw steps, end-to-end `train`, inference and memory per model.
 
 Usage: python benchmarks/gpu.py [--config configs/gpu_efficientnet_b0.yaml] [--steps 60]
-       [--base 20000] [--rows 220025] [--models densecnn,efficientnet_b0,resnet50]
+       [--base 20000] [--rows 220025] [--models smallcnn,efficientnet_b0,resnet50]
        [--work DIR] [--out benchmarks/results/gpu.txt] [--smoke]
 
 Data: a SYNTHETIC Kaggle-layout set as large as the real one (220,025 labelled patches):
@@ -47,7 +47,7 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_CONFIG = ROOT / "configs" / "gpu_efficientnet_b0.yaml"
-MODELS = ("densecnn", "efficientnet_b0", "resnet50")
+MODELS = ("smallcnn", "efficientnet_b0", "resnet50")
 KAGGLE_ROWS = 220_025  # labelled patches in Kaggle's train_labels.csv
 THROUGHPUT_WARMUP = 3  # batches the train() images/s meter leaves out (callbacks.Throughput)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -22,6 +23,15 @@ CHROMIUM_OFFLINE_FLAGS = [
     "--disable-sync",
 ]
 SHARED_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "pcam-sample"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist, share the cores between the workers instead of oversubscribing them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
 
 
 def fake_patches(n: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -116,9 +116,9 @@ def test_healthz_and_model_describe_the_run_without_server_paths(client, run):
     assert client.get("/healthz").json()["status"] == "ok"
     info = client.get("/v1/model").json()
     digest = hashlib.sha256((run / "model.safetensors").read_bytes()).hexdigest()
-    assert info["model_id"] == f"densecnn-{digest[:12]}"
+    assert info["model_id"] == f"smallcnn-{digest[:12]}"
     assert client.get("/healthz").json()["model_id"] == info["model_id"]
-    assert info["arch"] == "densecnn" and info["synthetic"] is True
+    assert info["arch"] == "smallcnn" and info["synthetic"] is True
     assert info["data"]["fingerprint"] == FINGERPRINT and info["data"]["kind"] == "kaggle"
     assert info["metrics"]["valid"]["auc"] == 0.75
     assert info["limits"]["max_region_pixels"] == 2048 * 2048

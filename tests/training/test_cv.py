@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from histodetect.cli.main import main
+
 
 def cli(*args: str, **kw) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "histodetect.cli", *args], **kw)
@@ -27,14 +29,15 @@ def _steps(folder, k: int) -> int:
 
 
 @pytest.mark.slow
-def test_cv_killed_mid_fold_resumes_to_the_same_folds_and_steps(kaggle_dir, tmp_path):
+def test_cv_killed_mid_fold_resumes_to_the_same_folds_and_steps(kaggle_dir, tmp_path, capsys):
     data = kaggle_dir(n=200)
     cfg = tmp_path / "cfg.yaml"
     cfg.write_text("train:\n  epochs: 1\n  checkpoint_every: 2\ndata:\n  batch_size: 16\n")
     common = ["cv", "--data", str(data), "--config", str(cfg), "--folds", "3"]
     common += ["--accelerator", "cpu", "--holdout-tta", "1"]
     quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-    assert cli(*common, "--out", str(tmp_path / "ref"), **quiet).wait(timeout=600) == 0
+    # Only the killed run needs a process of its own; the others run here (no fresh imports).
+    assert main([*common, "--out", str(tmp_path / "ref")]) == 0
 
     out = tmp_path / "cv"
     proc = cli(*common, "--out", str(out), **quiet)
@@ -47,16 +50,15 @@ def test_cv_killed_mid_fold_resumes_to_the_same_folds_and_steps(kaggle_dir, tmp_
     assert not (out / "fold_1" / "model.json").exists(), "fold 1 finished before the kill"
     finished_before = (out / "fold_0" / "model.safetensors").stat().st_mtime_ns
 
-    again = cli(*common, "--out", str(out), stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    stdout, err = again.communicate(timeout=600)
-    assert again.returncode == 0, err.decode()[-2000:]
+    capsys.readouterr()
+    assert main([*common, "--out", str(out)]) == 0
     ref = tmp_path / "ref"
     assert (out / "fold_0" / "model.safetensors").stat().st_mtime_ns == finished_before
     assert json.loads((out / "fold_1" / "metrics.json").read_text())["resumed"] is True
     assert [_steps(out, k) for k in range(3)] == [_steps(ref, k) for k in range(3)]
     assert _oof(out) == _oof(ref)  # every fold patch once, in the same fold
     assert len(_oof(out)) == len({i for i, _ in _oof(out)}) == 180  # 200 minus the 10% holdout
-    text = stdout.decode()
+    text = capsys.readouterr().out
     assert "out-of-fold AUC" in text and "mean ± std" in text and "ensemble AUC" in text
     metrics = json.loads((out / "cv_metrics.json").read_text())
     lo, hi = metrics["oof_interval"]
@@ -64,10 +66,12 @@ def test_cv_killed_mid_fold_resumes_to_the_same_folds_and_steps(kaggle_dir, tmp_
 
     # The ensemble folder is a run for every command; a rerun with other settings is refused.
     sub = tmp_path / "sub.csv"
-    predict = cli(
-        "predict", str(out / "ensemble"), "--data", str(data / "train"), "--out", str(sub)
+    assert (
+        main(["predict", str(out / "ensemble"), "--data", str(data / "train"), "--out", str(sub)])
+        == 0
     )
-    assert predict.wait(timeout=300) == 0 and sub.exists()
-    other = cli(*common[:-2], "--out", str(out), "--lr", "0.1", stderr=subprocess.PIPE)
-    _, err = other.communicate(timeout=300)
-    assert other.returncode == 2 and b"other settings" in err and b"Traceback" not in err
+    assert sub.exists()
+    capsys.readouterr()
+    assert main([*common[:-2], "--out", str(out), "--lr", "0.1"]) == 2
+    err = capsys.readouterr().err
+    assert "other settings" in err and "Traceback" not in err

@@ -84,7 +84,7 @@ def test_short_training_run_writes_a_self_describing_folder(kaggle_dir, tmp_path
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["epochs"] == 3
     meta = json.loads((run / "model.json").read_text())
-    assert meta["arch"] == "densecnn" and meta["input_size"] == 96 and meta["synthetic"] is False
+    assert meta["arch"] == "smallcnn" and meta["input_size"] == 96 and meta["synthetic"] is False
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["valid"]["auc"] == pytest.approx(result.val_auc)
     # The dark-centre toy task is easy: three tiny epochs must learn it.

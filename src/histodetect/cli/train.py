@@ -14,7 +14,7 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="YAML file overriding the defaults")
     p.add_argument(
         "--arch",
-        help="densecnn (default, padding-free), smallcnn, smallfcn or a timm name (e.g. resnet18)",
+        help="smallcnn (default), densecnn (padding-free, dense slide maps), smallfcn, a timm name",
     )
     p.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights (online)")
     p.add_argument("--weights", help="local backbone state dict (.safetensors/.pth), offline")

@@ -11,7 +11,7 @@ from torch.nn import functional as F
 
 from histodetect.errors import HistodetectError
 
-DENSE_ARCH = "densecnn"  # the padding-free model we recommend (and train by default)
+DENSE_ARCH = "densecnn"  # the padding-free model we recommend for dense slide maps
 
 
 def _stage(c_in: int, c_out: int) -> nn.Sequential:

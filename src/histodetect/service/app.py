@@ -22,7 +22,8 @@ from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import TTA_CHOICES, Predictor
 from histodetect.service.batching import DEFAULT_BATCH_WAIT_MS, MicroBatcher
 from histodetect.service.guards import add_guards
-from histodetect.service.routes import add_error_handlers, add_web_page, register_routes
+from histodetect.service.handlers import add_error_handlers
+from histodetect.service.routes import add_web_page, register_routes
 from histodetect.service.schemas import (
     DEFAULT_MAX_FILES,
     DEFAULT_MAX_PATCH_SIDE,

@@ -1,25 +1,23 @@
 """The endpoints: ``/healthz``, ``/v1/model``, ``/v1/predict``, ``/v1/explain``, ``/v1/region``.
 
-Also the error answers every endpoint shares and the offline web page at ``/``.
+Also the offline web page at ``/``.
 """
 
 from __future__ import annotations
 
 import base64
-import logging
 from pathlib import Path
 from typing import Annotated
 
 import numpy as np
-from fastapi import FastAPI, File, HTTPException, Query, Request, UploadFile, params
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi import FastAPI, File, HTTPException, Query, UploadFile, params
+from fastapi.responses import FileResponse, Response
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from histodetect.errors import HistodetectError
 from histodetect.service.guards import key_dependencies
+from histodetect.service.handlers import upload_error_response
 from histodetect.service.schemas import (
     ERRORS,
     ErrorResponse,
@@ -29,7 +27,6 @@ from histodetect.service.schemas import (
     PredictResponse,
     Region,
     RegionResponse,
-    error_response,
 )
 from histodetect.service.state import Service
 from histodetect.service.uploads import (
@@ -41,7 +38,6 @@ from histodetect.service.uploads import (
 from histodetect.slides.mapping import map_image, overlay_png
 from histodetect.slides.render import png_bytes
 
-log = logging.getLogger("histodetect.service")
 WEB_DIR = Path(__file__).with_name("web")
 
 
@@ -49,42 +45,8 @@ def _b64(data: bytes) -> str:
     return base64.b64encode(data).decode("ascii")
 
 
-def _upload_error_response(errors: list[UploadError]) -> JSONResponse:
-    first = errors[0]
-    more = f" (and {len(errors) - 1} more bad file(s))" if len(errors) > 1 else ""
-    problems = [{"file": e.file, "problem": e.problem} for e in errors]
-    return error_response(first.status, f"{first}{more}", problems)
-
-
 async def _read_uploads(files: list[UploadFile]) -> list[tuple[str, bytes]]:
     return [(f.filename or "upload", await f.read()) for f in files]
-
-
-def add_error_handlers(app: FastAPI) -> None:
-    """Answer every error with an :class:`ErrorResponse` body (a crash without its traceback)."""
-
-    @app.exception_handler(UploadError)
-    async def _upload_error(_request: Request, exc: UploadError) -> JSONResponse:
-        return _upload_error_response([exc])
-
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)
-        )
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_request: Request, exc: RequestValidationError) -> JSONResponse:
-        parts = []
-        for err in exc.errors():
-            where = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
-            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else err.get("msg"))
-        return error_response(422, "invalid request: " + "; ".join(parts))
-
-    @app.exception_handler(Exception)
-    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error", exc_info=exc)
-        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
 
 
 def register_routes(app: FastAPI, service: Service) -> None:
@@ -144,7 +106,7 @@ def _add_predict_route(app: FastAPI, service: Service, guarded: list[params.Depe
         uploads = await _read_uploads(files)
         patches, bad = await run_in_threadpool(decode_patch_uploads, uploads, limits.max_patch_side)
         if bad:
-            return _upload_error_response(bad)
+            return upload_error_response(bad)
         probs = await service.batcher.submit(np.stack([p.image for p in patches]))
         images = (
             await run_in_threadpool(lambda: [_b64(png_bytes(p.image)) for p in patches])
@@ -200,7 +162,7 @@ def _add_explain_route(app: FastAPI, service: Service, guarded: list[params.Depe
             decode_patch_uploads, [upload], limits.max_patch_side
         )
         if bad:
-            return _upload_error_response(bad)
+            return upload_error_response(bad)
         image = patches[0].image[None]
         prob = float((await service.batcher.submit(image))[0])
         heat = await service.on_model_thread(gradcam, predictor, image)

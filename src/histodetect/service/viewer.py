@@ -19,16 +19,16 @@ import re
 from pathlib import Path
 from typing import Annotated
 
-from fastapi import Depends, FastAPI, HTTPException, Request
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi import Path as PathParam
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.security import APIKeyHeader
 from fastapi.staticfiles import StaticFiles
 from starlette.concurrency import run_in_threadpool
-from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from histodetect import __version__
 from histodetect.errors import HistodetectError
+from histodetect.service.handlers import add_error_handlers
 from histodetect.service.schemas import API_KEY_HEADER, error_response
 from histodetect.slides.viewer.catalogue import OUTPUT_FILES, Catalogue, SlideEntry
 from histodetect.slides.viewer.library import SlideLibrary
@@ -177,19 +177,6 @@ def add_viewer(app: FastAPI, library: SlideLibrary, api_key: str | None = None) 
         return FileResponse(path, media_type=OUTPUT_FILES[name], filename=f"{slide_id}-{name}")
 
 
-def _add_error_handlers(app: FastAPI) -> None:
-    @app.exception_handler(StarletteHTTPException)
-    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
-        return error_response(
-            exc.status_code, str(exc.detail), headers=getattr(exc, "headers", None)
-        )
-
-    @app.exception_handler(Exception)
-    async def _crash(_request: Request, exc: Exception) -> JSONResponse:
-        log.exception("internal error", exc_info=exc)
-        return error_response(500, f"internal error ({type(exc).__name__}); see the server log")
-
-
 def create_viewer_app(
     maps: list[str | Path],
     *,
@@ -220,7 +207,7 @@ def create_viewer_app(
         redoc_url=None,
     )
     app.state.library = library
-    _add_error_handlers(app)
+    add_error_handlers(app)
     add_viewer(app, library, api_key)
 
     @app.get("/", include_in_schema=False)

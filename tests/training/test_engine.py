@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import signal
@@ -112,11 +113,16 @@ def test_loss_options_and_freezing():
     assert groups[0]["lr"] == pytest.approx(0.1 * groups[1]["lr"])
 
 
+def _steps_logged(run) -> list[int]:
+    with open(run / "logs" / "metrics.csv", newline="") as fh:
+        return [int(row["step"]) for row in csv.DictReader(fh) if row.get("train_loss_step")]
+
+
 @pytest.mark.slow
 def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(kaggle_dir, tmp_path):
     data = kaggle_dir(n=400)
     cfg = tmp_path / "cfg.yaml"
-    cfg.write_text("train:\n  epochs: 2\n  checkpoint_every: 3\ndata:\n  batch_size: 16\n")
+    cfg.write_text("train:\n  epochs: 2\n  checkpoint_every: 8\ndata:\n  batch_size: 16\n")
     common = ["--data", str(data), "--config", str(cfg), "--accelerator", "cpu"]
     # Only the killed run needs a process of its own; the others run here (no fresh imports).
     assert main(["train", *common, "--out", str(tmp_path / "ref")]) == 0
@@ -134,8 +140,12 @@ def test_kill_9_mid_epoch_then_resume_matches_an_uninterrupted_run(kaggle_dir, t
     killed_at = torch.load(last, map_location="cpu", weights_only=False)["global_step"]
     steps_per_epoch = 22  # 360 training patches // 16 (the ragged batch is dropped)
     assert 0 < killed_at < 2 * steps_per_epoch
+    logged = _steps_logged(run)
+    assert logged and max(logged) < killed_at  # rows of the killed run (every 5 steps)
     resume = ["train", "--data", str(data), "--out", str(run), "--resume", "--accelerator", "cpu"]
     assert main(resume) == 0
+    # Nothing logged before the kill is lost, and nothing after the checkpoint is doubled.
+    assert _steps_logged(run) == _steps_logged(tmp_path / "ref")
     a = json.loads((run / "metrics.json").read_text())
     b = json.loads((tmp_path / "ref" / "metrics.json").read_text())
     assert a["resumed"] is True

@@ -44,6 +44,15 @@ class ConsumedBatches(L.Callback):
             loader.consumed += 1
 
 
+class FlushLogs(L.Callback):
+    """Writes the logged metrics whenever a checkpoint is saved, so that the log on disk
+    reaches the step a resume starts from (Lightning flushes only every 100 steps)."""
+
+    def on_save_checkpoint(self, trainer, pl_module, checkpoint) -> None:
+        for logger in trainer.loggers:
+            logger.save()
+
+
 class Throughput(L.Callback):
     """Training images/s by the wall clock: data loading, augmentation and logging included.
 

@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -24,6 +25,7 @@ from histodetect.files import write_atomic
 from histodetect.inference.predictor import MODEL_META, Predictor
 from histodetect.training.callbacks import (
     ConsumedBatches,
+    FlushLogs,
     FreezeBackbone,
     Throughput,
     progress_bar,
@@ -33,8 +35,10 @@ from histodetect.training.module import PatchModule, ema_with_warmup, positive_w
 from histodetect.training.run_folder import (
     data_description,
     export_model,
+    metrics_before,
     prepare_run_folder,
     record_rank_weights,
+    restore_metrics,
     write_curves,
 )
 
@@ -211,7 +215,7 @@ def _callbacks(
         enable_version_counter=False,
     )
     speed = Throughput()
-    callbacks = [best, periodic, speed, ConsumedBatches(), LearningRateMonitor("step")]
+    callbacks = [best, periodic, speed, ConsumedBatches(), FlushLogs(), LearningRateMonitor("step")]
     if progress:
         callbacks.append(progress_bar())
     if cfg.train.freeze_epochs:
@@ -282,7 +286,16 @@ def _fit(
 ) -> None:
     """Train (continuing from ``checkpoints/last.ckpt`` when resuming); under DDP, check ranks."""
     last = _last_checkpoint(run)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    earlier = []
+    if resume and trainer.is_global_zero:
+        step = torch.load(last, map_location="cpu", weights_only=False, mmap=True)["global_step"]
+        earlier = metrics_before(run, step)
+    with warnings.catch_warnings():
+        if resume:  # the folders of the run being resumed are meant to be there
+            warnings.filterwarnings("ignore", message=r".* directory .* exists and is not empty")
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(last) if resume else None)
+    if earlier and trainer.is_global_zero:
+        restore_metrics(run, earlier)
     if trainer.world_size > 1:
         record_rank_weights(trainer, module, run)
 

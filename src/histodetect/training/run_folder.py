@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
 import json
 import os
 import platform
@@ -121,6 +123,34 @@ def record_rank_weights(trainer: L.Trainer, module: PatchModule, run: Path) -> N
         write_atomic(folder / "check.json", json.dumps(report, indent=2).encode())
         if not same:
             raise HistodetectError(f"DDP ranks ended with different weights: {hashes}")
+
+
+def metrics_before(run: Path, step: int) -> list[dict]:
+    """The rows of ``logs/metrics.csv`` logged before optimiser step ``step`` (for a resume).
+
+    Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts, so a resumed
+    run keeps these rows here and puts them back with :func:`restore_metrics`.
+    """
+    path = run / "logs" / "metrics.csv"
+    if not path.is_file():
+        return []
+    with open(path, newline="") as fh:
+        return [row for row in csv.DictReader(fh) if int(float(row.get("step") or 0)) < step]
+
+
+def restore_metrics(run: Path, earlier: list[dict]) -> None:
+    """Put the rows logged before a resume back in front of those logged after it."""
+    path = run / "logs" / "metrics.csv"
+    if not earlier or not path.is_file():
+        return
+    with open(path, newline="") as fh:
+        later = list(csv.DictReader(fh))
+    keys = sorted(set().union(*earlier, *later))
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=keys, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(earlier + later)
+    write_atomic(path, out.getvalue().encode())
 
 
 def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:

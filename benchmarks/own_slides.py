@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from common import cli, save_results
 
-from histodetect.slides.synthetic import write_synthetic_slide, write_truth_annotations
+from histodetect.slides.synthetic.slide import write_synthetic_slide, write_truth_annotations
 
 W, H, MPP = 2048, 1536, 0.486  # level 0; level 1 (1024 x 768) is at 0.972 µm/px
 TISSUE = [(1024.0, 768.0, 940.0, 700.0)]

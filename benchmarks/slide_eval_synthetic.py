@@ -29,7 +29,7 @@ from pathlib import Path
 
 from common import cli, save_results, train_cli, untrained_run
 
-from histodetect.slides.synthetic import write_synthetic_slide, write_truth_annotations
+from histodetect.slides.synthetic.slide import write_synthetic_slide, write_truth_annotations
 
 W, H = 1536, 1152  # level 0 at PCam's 0.972 µm/px: 48 x 36 cells of 32 px, ~1,100 of tissue
 TISSUE = [(768.0, 576.0, 700.0, 520.0)]

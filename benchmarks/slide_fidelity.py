@@ -38,7 +38,7 @@ from histodetect.data.loaders import split_indices_of
 from histodetect.data.pack import pack
 from histodetect.data.store import Store, open_store
 from histodetect.inference.predictor import Predictor
-from histodetect.slides.synthetic import write_pyramid
+from histodetect.slides.synthetic.slide import write_pyramid
 
 MPP = 0.972
 GAP = 64  # glass between patches (px); patch pitch 160 = 5 cells

@@ -22,7 +22,7 @@ from pathlib import Path
 from common import save_results, untrained_run
 
 from histodetect.models.dense import DENSE_ARCH
-from histodetect.slides.synthetic import write_synthetic_slide
+from histodetect.slides.synthetic.slide import write_synthetic_slide
 
 
 def main() -> None:

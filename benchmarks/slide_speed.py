@@ -24,10 +24,10 @@ from common import save_results, untrained_run
 
 from histodetect.inference.predictor import Predictor
 from histodetect.models.dense import DENSE_ARCH
-from histodetect.slides.cells import predict_cells
-from histodetect.slides.readers import open_slide
-from histodetect.slides.resolution import choose_resolution, working_reader
-from histodetect.slides.synthetic import write_synthetic_slide
+from histodetect.slides.maps.cells import predict_cells
+from histodetect.slides.synthetic.slide import write_synthetic_slide
+from histodetect.slides.wsi.readers import open_slide
+from histodetect.slides.wsi.resolution import choose_resolution, working_reader
 
 
 def main() -> None:

@@ -196,7 +196,7 @@ def big_maps(work: Path, n: int) -> Path:
     """An N x N px SYNTHETIC pyramidal slide and a stored map of random cells beside it."""
     from PIL import Image
 
-    from histodetect.slides.synthetic import write_synthetic_slide
+    from histodetect.slides.synthetic.slide import write_synthetic_slide
 
     slide = work / f"synthetic-{n}.tif"
     tissue = [(0.5 * n, 0.5 * n, 0.42 * n, 0.40 * n)]

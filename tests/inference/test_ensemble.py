@@ -70,7 +70,7 @@ def test_an_ensemble_folder_loads_wherever_a_run_does(two_runs, tmp_path):
 
 
 def test_dense_slide_maps_of_an_ensemble_equal_its_patchwise_predictions(two_runs):
-    from histodetect.slides.cells import dense_proba, resolve_mode
+    from histodetect.slides.maps.cells import dense_proba, resolve_mode
 
     ens = Predictor.from_runs(list(two_runs), device="cpu")
     assert resolve_mode(ens, 32, "auto") == "dense"

@@ -31,7 +31,7 @@ from histodetect.data.patchio import decode_patch
 from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import Predictor
 from histodetect.service.app import create_app
-from histodetect.slides.mapping import map_image, overlay_png
+from histodetect.slides.maps.mapping import map_image, overlay_png
 from histodetect.training.module import PatchModule
 from histodetect.training.run_folder import export_model
 from tests.conftest import CHROMIUM, CHROMIUM_OFFLINE_FLAGS, fake_patches

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from histodetect.config import RunConfig, merge, to_dict
-from histodetect.slides.synthetic import render_region
+from histodetect.slides.synthetic.slide import render_region
 from histodetect.training.module import PatchModule
 from histodetect.training.run_folder import export_model
 

@@ -56,8 +56,8 @@ def cmd_slide(args: argparse.Namespace) -> int:
     summary.json. Many slides: every rank of torchrun/SLURM (RANK, WORLD_SIZE) takes its
     share; OUT/manifest-rank*.jsonl records finished slides, which a rerun skips.
     """
-    from histodetect.slides.batch import list_slides, run_slides
-    from histodetect.slides.slide import SlideOptions
+    from histodetect.slides.maps.batch import list_slides, run_slides
+    from histodetect.slides.maps.slide import SlideOptions
 
     slides = list_slides(args.slides, args.list)
     opts = SlideOptions(
@@ -146,7 +146,7 @@ def cmd_slide_eval(args: argparse.Namespace) -> int:
     FROC score (mean sensitivity at 1/4-8 false positives per slide), slide-level ROC AUC with a
     bootstrap interval, Dice/IoU per slide; writes slide-eval.json and froc.png.
     """
-    from histodetect.slides.evaluation import EvalOptions, evaluate_slides
+    from histodetect.slides.evaluation.scoring import EvalOptions, evaluate_slides
 
     if not args.slide_mpp > 0:
         raise HistodetectError(f"--slide-mpp must be a positive µm/px, got {args.slide_mpp}.")
@@ -187,7 +187,7 @@ def cmd_slidesynth(args: argparse.Namespace) -> int:
     slide -> slide-eval. Deterministic per seed; rerun with the same settings and the slides
     already there are kept. Synthetic slides say nothing about real tissue.
     """
-    from histodetect.slides.synthetic_set import write_synthetic_set
+    from histodetect.slides.synthetic.dataset import write_synthetic_set
 
     records = write_synthetic_set(
         args.out, args.slides, args.tumour_fraction, (args.width, args.height), args.seed
@@ -279,9 +279,9 @@ def cmd_extract(args: argparse.Namespace) -> int:
     and every rank of torchrun/SLURM takes its share. A bad slide or annotation is reported by
     name (OUT/extract_problems.csv) and the others go on.
     """
-    from histodetect.slides.batch import list_slides
-    from histodetect.slides.extract import extract_patches
-    from histodetect.slides.extract_sampling import ExtractOptions
+    from histodetect.slides.extract.patches import extract_patches
+    from histodetect.slides.extract.sampling import ExtractOptions
+    from histodetect.slides.maps.batch import list_slides
 
     slides = list_slides(args.slides, args.list)
     opts = ExtractOptions(

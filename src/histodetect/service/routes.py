@@ -35,8 +35,8 @@ from histodetect.service.uploads import (
     decode_region_upload,
     display_name,
 )
-from histodetect.slides.mapping import map_image, overlay_png
-from histodetect.slides.render import png_bytes
+from histodetect.slides.maps.mapping import map_image, overlay_png
+from histodetect.slides.maps.render import png_bytes
 
 WEB_DIR = Path(__file__).with_name("web")
 

@@ -9,10 +9,11 @@ from scipy import ndimage
 from skimage import measure, morphology
 
 from histodetect import PATCH_SIZE
-from histodetect.slides.readers import SlideReader
-from histodetect.slides.render import MAX_THUMB_SIDE, THUMB_CELL_PX
-from histodetect.slides.resolution import PCAM_MPP, Resolution, read_thumbnail
+from histodetect.slides.wsi.readers import SlideReader
+from histodetect.slides.wsi.resolution import PCAM_MPP, Resolution, read_thumbnail
 
+THUMB_CELL_PX = 4  # thumbnail pixels per cell side: fine enough for tissue fractions per cell
+MAX_THUMB_SIDE = 8192
 # Optical density (natural log, Euclidean over RGB) that sets tissue apart from the glass
 # colour; at least this much, more when the glass itself is noisy. Pale eosin lies at ~0.15.
 MIN_OD_STEP = 0.05

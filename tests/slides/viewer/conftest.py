@@ -15,7 +15,7 @@ CMU1 = Path(__file__).resolve().parents[3].parent / "shared" / "slides" / "CMU-1
 def map_slides(run: Path, slides: list[Path], out: Path) -> Path:
     """``histodetect slide RUN SLIDES --out OUT`` in-process; returns OUT."""
     from histodetect.inference.predictor import Predictor
-    from histodetect.slides.slide import analyse_slide
+    from histodetect.slides.maps.slide import analyse_slide
 
     predictor = Predictor.from_run(run, "cpu")
     for slide in slides:
@@ -34,7 +34,7 @@ def make_cmu1_maps(root: Path) -> Path:
 
 def make_synthetic_maps(root: Path) -> tuple[Path, Path]:
     """(MAPS, ANNOTATIONS): one SYNTHETIC slide with planted tumours from slidesynth, mapped."""
-    from histodetect.slides.synthetic_set import write_synthetic_set
+    from histodetect.slides.synthetic.dataset import write_synthetic_set
 
     records = write_synthetic_set(root / "syn", n=1, tumour_fraction=1.0, size=(1536, 1024))
     run = export_run(root / "run-syn", "smallfcn")

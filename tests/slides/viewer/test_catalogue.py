@@ -111,8 +111,8 @@ def test_regions_come_most_probable_first_with_their_boxes(synthetic_maps):
 def test_annotations_and_slide_eval_detections_are_read_as_slide_eval_reads_them(
     synthetic_maps, tmp_path
 ):
-    from histodetect.slides.annotations import read_annotation
-    from histodetect.slides.evaluation import evaluate_slides
+    from histodetect.slides.annotations.readers import read_annotation
+    from histodetect.slides.evaluation.scoring import evaluate_slides
 
     maps, annotations = synthetic_maps
     copy = _copy_maps(maps, tmp_path / "maps")

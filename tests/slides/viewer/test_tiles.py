@@ -10,7 +10,7 @@ import pytest
 import tifffile
 from PIL import Image
 
-from histodetect.slides.slide_maps import SlideMap
+from histodetect.slides.maps.folders import SlideMap
 from histodetect.slides.viewer.tiles import (
     OVERLAP,
     TILE_SIZE,

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from histodetect.errors import HistodetectError
-from histodetect.slides.annotations import find_annotation, read_annotation
-from histodetect.slides.slide_maps import SUMMARY
+from histodetect.slides.annotations.readers import find_annotation, read_annotation
+from histodetect.slides.maps.folders import SUMMARY
 
 log = logging.getLogger("histodetect.viewer")
 
@@ -272,7 +272,7 @@ class Catalogue:
         Raises:
             HistodetectError: for a malformed file, naming it and the line.
         """
-        from histodetect.slides.froc import read_detections_csv
+        from histodetect.slides.evaluation.froc import read_detections_csv
 
         if entry.folder.parent != entry.root:
             return None

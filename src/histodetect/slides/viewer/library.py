@@ -15,7 +15,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from histodetect.errors import HistodetectError
-from histodetect.slides.slide_maps import load_slide_map
+from histodetect.slides.maps.folders import load_slide_map
 from histodetect.slides.viewer.catalogue import Catalogue, SlideEntry
 from histodetect.slides.viewer.tiles import MapTiles, SlideTiles, TileCache, legend
 

@@ -19,8 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from histodetect.errors import HistodetectError
-from histodetect.slides.readers import SlideReader, open_slide
-from histodetect.slides.slide_maps import SlideMap
+from histodetect.slides.maps.folders import SlideMap
+from histodetect.slides.wsi.readers import SlideReader, open_slide
 
 TILE_SIZE = 254  # + 2 px of overlap = 256, the size OpenSlide's own examples use
 OVERLAP = 1

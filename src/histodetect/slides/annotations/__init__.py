@@ -1,0 +1,1 @@
+"""Tumour annotations: the Annotation geometry, readers of ASAP XML, GeoJSON and masks, writers."""

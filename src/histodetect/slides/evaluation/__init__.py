@@ -1,0 +1,1 @@
+"""Scoring maps against annotations (`histodetect slide-eval`): FROC, slide AUC, Dice, results."""

@@ -1,0 +1,1 @@
+"""Training patches from annotated slides (`histodetect extract`): sampling, labels and outputs."""

@@ -1,0 +1,1 @@
+"""Tumour maps of slides (`histodetect slide`): cell inference, regions, pictures, output files."""

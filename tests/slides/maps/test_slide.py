@@ -398,9 +398,13 @@ def test_smallfcn_is_a_listed_model():
 # ----------------------------------------------------------------------------- a trained model
 
 
-@pytest.fixture(scope="module")
-def trained_fcn(tmp_path_factory) -> Path:
-    """smallfcn trained briefly on SYNTHETIC patches (label 1 = tumour in the centre box)."""
+# smallfcn after 200 steps on SYNTHETIC patches (train_planted_fcn), kept so that tests load it
+# in a second instead of training for half a minute; delete the file to train it again.
+PLANTED_FCN = Path(__file__).with_name("planted_smallfcn.safetensors")
+
+
+def train_planted_fcn(module: PatchModule, cfg: RunConfig) -> None:
+    """Train ``module`` briefly on SYNTHETIC patches (label 1 = tumour in the centre box)."""
     from histodetect.data.synth import render_patch
     from histodetect.data.transforms import dihedral, to_model_input
 
@@ -409,9 +413,7 @@ def trained_fcn(tmp_path_factory) -> Path:
     images = np.stack(
         [render_patch(rng, int(y), decoy=i % 4 == 0)[0] for i, y in enumerate(labels)]
     )
-    cfg = merge(RunConfig(), {"model": {"arch": "smallfcn"}})
     torch.manual_seed(0)
-    module = PatchModule(to_dict(cfg))
     model = module.model.train()
     x = to_model_input(torch.from_numpy(images), cfg.data.mean, cfg.data.std)
     y = torch.from_numpy(labels).float()
@@ -424,6 +426,22 @@ def trained_fcn(tmp_path_factory) -> Path:
         opt.zero_grad()
         loss.backward()
         opt.step()
+
+
+@pytest.fixture(scope="module")
+def trained_fcn(tmp_path_factory) -> Path:
+    """The run of a smallfcn trained to find SYNTHETIC tumour (saved, or trained when absent)."""
+    from safetensors.torch import load_file, save_file
+
+    cfg = merge(RunConfig(), {"model": {"arch": "smallfcn"}})
+    module = PatchModule(to_dict(cfg))
+    if PLANTED_FCN.exists():
+        state = {k: v.float() for k, v in load_file(PLANTED_FCN).items()}
+        module.model.load_state_dict(state)
+    else:
+        train_planted_fcn(module, cfg)
+        weights = {k: v.half().contiguous() for k, v in module.model.state_dict().items()}
+        save_file(weights, PLANTED_FCN)
     run = tmp_path_factory.mktemp("runs") / "trained"
     run.mkdir()
     export_model(module.eval(), run, {"synthetic": True})

@@ -246,6 +246,7 @@ def test_training_log_in_a_file_is_the_tools_own_one_line_per_epoch(kaggle_dir, 
     for noise in ("GPU available: False", "TPU available", "💡", "Loading `train_dataloader`"):
         assert noise not in log
     assert "\r" not in log  # no live-bar updates piled up in a file
+    assert "train_loss_step" not in log and "━" not in log  # nor a bar's last frame
     epochs = [line for line in err.splitlines() if line.startswith("epoch ")]
     assert [line.split(":")[0] for line in epochs] == ["epoch 1/2", "epoch 2/2"]
     assert all("val_auc" in line for line in epochs)

@@ -243,6 +243,8 @@ def _build_trainer(
 
     Returns it with its best-checkpoint keeper and throughput meter.
     """
+    from lightning.pytorch.callbacks import ProgressBar
+
     callbacks, best, speed = _callbacks(run, cfg, progress)
     trainer = L.Trainer(
         default_root_dir=run,
@@ -258,7 +260,8 @@ def _build_trainer(
         gradient_clip_val=cfg.train.grad_clip or None,
         callbacks=callbacks,
         logger=run_loggers(run),
-        enable_progress_bar=progress,
+        # Only our live bar: Lightning would add its own (rich, many lines) beside EpochLines.
+        enable_progress_bar=any(isinstance(c, ProgressBar) for c in callbacks),
         enable_model_summary=False,
         log_every_n_steps=5,
         use_distributed_sampler=True,

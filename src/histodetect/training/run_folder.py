@@ -22,6 +22,9 @@ from histodetect.files import write_atomic
 from histodetect.inference.predictor import MODEL_FILE, MODEL_META
 from histodetect.training.module import PatchModule
 
+# Lightning's CSV log of a run: per-step and per-epoch metrics.
+METRICS_CSV = Path("logs") / "metrics.csv"
+
 
 def environment() -> dict:
     """Versions and hardware, saved in every run folder."""
@@ -131,7 +134,7 @@ def metrics_before(run: Path, step: int) -> list[dict]:
     Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts, so a resumed
     run keeps these rows here and puts them back with :func:`restore_metrics`.
     """
-    path = run / "logs" / "metrics.csv"
+    path = run / METRICS_CSV
     if not path.is_file():
         return []
     with open(path, newline="") as fh:
@@ -140,7 +143,7 @@ def metrics_before(run: Path, step: int) -> list[dict]:
 
 def restore_metrics(run: Path, earlier: list[dict]) -> None:
     """Put the rows logged before a resume back in front of those logged after it."""
-    path = run / "logs" / "metrics.csv"
+    path = run / METRICS_CSV
     if not earlier or not path.is_file():
         return
     with open(path, newline="") as fh:
@@ -155,8 +158,6 @@ def restore_metrics(run: Path, earlier: list[dict]) -> None:
 
 def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
     """Loss, accuracy and AUC per epoch, and per-step training loss, as one PNG."""
-    import csv
-
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -197,7 +198,7 @@ def plot_curves(metrics_csv: Path, out: Path, title: str) -> None:
 
 def write_curves(run: Path, arch: str, store: Store) -> None:
     """``curves.png`` from the run's CSV log, titled with the model and data (and SYNTHETIC)."""
-    csv_path = run / "logs" / "metrics.csv"
+    csv_path = run / METRICS_CSV
     if csv_path.exists():
         title = f"{arch} on {Path(store.manifest['source']['path']).name}"
         if store.synthetic:

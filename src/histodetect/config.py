@@ -57,6 +57,7 @@ PROBABILITIES = (
     "affine",
     "stain",
     "color",
+    "cast",
     "pca",
     "blur",
     "motion_blur",
@@ -89,6 +90,9 @@ class AugmentConfig:
         contrast: Largest relative contrast change.
         saturation: Largest relative saturation change.
         hue: Largest hue shift, as a fraction of the colour wheel (at most 0.5).
+        cast: Probability of a colour cast: each RGB channel scaled by its own factor, as a
+            scanner's white balance or an old slide's yellowing does.
+        cast_strength: Largest relative change of a channel (factor in ``1 ± strength``).
         pca: Probability of fancy-PCA lighting noise along the image's RGB principal axes.
         pca_std: Standard deviation of the shift along each axis, in units of the image's own
             standard deviation along that axis.
@@ -118,6 +122,8 @@ class AugmentConfig:
     contrast: BelowOne = 0.1
     saturation: BelowOne = 0.1
     hue: Annotated[float, Field(ge=0, le=0.5)] = 0.0  # half the colour wheel at most
+    cast: Probability = 0.0
+    cast_strength: BelowOne = 0.15
     pca: Probability = 0.0
     pca_std: NonNegative = 0.1
     blur: Probability = 0.1
@@ -158,6 +164,9 @@ class DataConfig:
     folds: Count = 0
     fold: Annotated[Whole, Field(ge=-1)] = 0
     groups: str | None = None
+    # Stain normalisation of every patch (training and inference alike) onto a target fitted
+    # from the training patches: none, reinhard (L*a*b* statistics) or macenko (stain vectors).
+    stain_norm: Literal["none", "reinhard", "macenko"] = "none"
 
     @field_validator("folds")
     @classmethod

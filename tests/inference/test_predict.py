@@ -179,3 +179,23 @@ def test_onnx_export_matches_pytorch_with_any_batch_size(trained_run, tmp_path):
     got = session.run(["probability"], {"patches": images})[0]
     want = Predictor.from_run(run).predict_proba(images)
     assert got.shape == (7,) and np.abs(got - want).max() < 1e-4
+
+
+def test_predict_mpp_resamples_a_folder_of_mixed_tiles(trained_run, tmp_path):
+    from PIL import Image
+
+    _, run = trained_run
+    folder = tmp_path / "tiles"
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("small.png", 224), ("big.jpg", 512)):
+        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(folder / name)
+    out = tmp_path / "tiles.csv"
+    # Without --mpp the wrong-sized tile is named, with the option that reads it.
+    proc = _cli("predict", str(run), "--data", str(folder), "--out", str(out))
+    assert proc.returncode == 2 and "big.jpg" in proc.stderr and "--mpp" in proc.stderr
+    proc = _cli("predict", str(run), "--data", str(folder), "--out", str(out), "--mpp", "0.5")
+    assert proc.returncode == 0, proc.stderr
+    with open(out, newline="") as fh:
+        rows = list(csv.reader(fh))
+    assert [r[0] for r in rows] == ["id", "big_0_0", "big_0_1", "big_1_0", "big_1_1", "small"]

@@ -133,6 +133,16 @@ def test_same_seed_same_output() -> None:
     assert not torch.equal(a, augment(EVERYTHING, x, seed=4))
 
 
+def test_colour_cast_scales_each_channel_within_its_strength() -> None:
+    cfg = replace(NONE, cast=1.0, cast_strength=0.2)
+    x = torch.full((64, 3, 8, 8), 0.5)
+    y = augment(cfg, x)
+    gains = y[:, :, 0, 0] / 0.5
+    assert torch.allclose(y, gains[:, :, None, None] * 0.5)  # one factor per channel
+    assert gains.min() >= 0.8 - 1e-6 and gains.max() <= 1.2 + 1e-6
+    assert gains.std(0).min() > 0.05  # channels and patches drawn independently
+
+
 def test_every_field_can_be_set_from_yaml_config() -> None:
     values = {
         "flip": 0.1,
@@ -151,6 +161,8 @@ def test_every_field_can_be_set_from_yaml_config() -> None:
         "contrast": 0.35,
         "saturation": 0.4,
         "hue": 0.1,
+        "cast": 0.45,
+        "cast_strength": 0.3,
         "pca": 0.8,
         "pca_std": 0.5,
         "blur": 0.9,

@@ -149,3 +149,23 @@ def test_ema_forgets_the_initial_weights_and_keeps_integer_buffers():
     # A fixed decay of 0.998 would still hold 0.998**200 = 67 % of the initial weight.
     assert avg.module.weight.item() > 0.95
     assert avg.module.num_batches_tracked.item() == 200
+
+
+def test_a_stain_normalising_run_stores_its_target_and_predicts_the_same_way(kaggle_dir, tmp_path):
+    data = kaggle_dir(n=64)
+    cfg = merge(
+        RunConfig(),
+        {"train": {"epochs": 1}, "data": {"batch_size": 16, "stain_norm": "reinhard"}},
+    )
+    train(data, tmp_path / "run", cfg, progress=False)
+    meta = json.loads((tmp_path / "run" / "model.json").read_text())
+    assert meta["stain_norm"]["method"] == "reinhard" and len(meta["stain_norm"]["lab_mean"]) == 3
+    predictor = Predictor.from_run(tmp_path / "run")
+    images = torch.randint(0, 256, (4, 96, 96, 3), dtype=torch.uint8)
+    # A global colour cast is taken out before the model sees the patch.
+    tinted = (images.float() * torch.tensor([1.0, 0.95, 0.8])).round().to(torch.uint8)
+    a, b = predictor.predict_proba(images), predictor.predict_proba(tinted)
+    assert np.abs(a - b).max() < 0.05
+    plain = json.loads((tmp_path / "run" / "model.json").read_text())
+    plain.pop("stain_norm")
+    assert Predictor(predictor.model, plain, "cpu").stain.method == "none"

@@ -70,6 +70,12 @@ def _predict_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tta", type=int, default=1, choices=[1, 2, 4, 8], help="dihedral views")
     p.add_argument("--weights", type=float, nargs="+", help="ensemble weights, one per run")
     p.add_argument("--split", help="for a packed store: which split (default: test, else all)")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        help="DATA is a folder of tiles of any size at this many µm/px (224 px at 0.5 is common):"
+        " each is resampled to the model's 0.972 µm/px and cut into 96 px patches",
+    )
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument(
         "--skip-bad",
@@ -96,12 +102,16 @@ def cmd_predict(args: argparse.Namespace) -> int:
         write_submission,
     )
 
-    patches = list_patches(args.data, args.split)
+    patches = list_patches(args.data, args.split, args.mpp)
     if patches.problems and not args.skip_bad:
+        what = (
+            "has tiles that give no patch"
+            if args.mpp
+            else "the test files and sample_submission.csv disagree"
+        )
         raise BadInputError(
-            f"{args.data}: the test files and sample_submission.csv disagree "
-            f"({len(patches.problems)} problem(s)); fix them or pass --skip-bad:\n"
-            + describe_problems(list(patches.problems)),
+            f"{args.data}: {what} ({len(patches.problems)} problem(s)); fix them or pass "
+            "--skip-bad:\n" + describe_problems(list(patches.problems)),
             list(patches.problems),
         )
     predictor = Predictor.from_runs(args.runs, args.weights, args.device)

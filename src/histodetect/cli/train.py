@@ -18,7 +18,12 @@ def _model_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--pretrained", action="store_true", help="timm's ImageNet weights (online)")
     p.add_argument("--weights", help="local backbone state dict (.safetensors/.pth), offline")
-    p.add_argument("--augment", help="augmentation recipe: none, light, default or heavy")
+    p.add_argument("--augment", help="augmentation recipe: none, light, default, heavy or stain")
+    p.add_argument(
+        "--stain-norm",
+        choices=["none", "reinhard", "macenko"],
+        help="normalise every patch's stain onto a target fitted from the training patches",
+    )
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--seed", type=int)
@@ -57,6 +62,7 @@ OVERRIDES = {
     "max_steps": ("train", "max_steps"),
     "max_minutes": ("train", "max_minutes"),
     "freeze_epochs": ("train", "freeze_epochs"),
+    "stain_norm": ("data", "stain_norm"),
     "loss": ("train", "loss"),
     "class_weights": ("train", "class_weights"),
     "precision": ("train", "precision"),

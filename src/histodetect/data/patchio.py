@@ -115,6 +115,15 @@ def decode_patch(path: str | Path, size: int = PATCH_SIZE) -> np.ndarray:
     Raises:
         PatchDecodeError: when the file is unreadable, truncated, not RGB or not size x size.
     """
+    return check_patch(decode_image(path), size)
+
+
+def decode_image(path: str | Path) -> np.ndarray:
+    """Read one image file of any size into an (H, W, 3) uint8 array (unchecked size).
+
+    Raises:
+        PatchDecodeError: when the file is unreadable, truncated or not RGB.
+    """
     path = Path(path)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
@@ -133,4 +142,4 @@ def decode_patch(path: str | Path, size: int = PATCH_SIZE) -> np.ndarray:
     except Exception as exc:  # any decoder failure means a corrupt or truncated file
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PatchDecodeError(f"corrupt or truncated image ({reason})") from None
-    return check_patch(np.asarray(image), size)
+    return np.asarray(image)

@@ -13,7 +13,6 @@ import torch
 from torch import nn
 
 from histodetect import CENTRE
-from histodetect.data.transforms import to_model_input
 from histodetect.errors import HistodetectError
 from histodetect.files import write_atomic
 from histodetect.inference.predictor import Predictor
@@ -139,11 +138,10 @@ def gradcam(
         crop_h = crop_w = predictor.crop
     top, left = (height - crop_h) // 2, (width - crop_w) // 2
     explainers = _explainers(model, layer, min(crop_h, crop_w))
-    mean, std = predictor.meta["mean"], predictor.meta["std"]
     out = np.zeros((n, height, width), np.float32)
     for start in range(0, n, batch_size):
         batch = images[start : start + batch_size].to(predictor.device)
-        x = to_model_input(batch, mean, std, predictor.channels_last, predictor.crop)
+        x = predictor.prepare(batch)
         # An ensemble's map is its members' maps, each scaled to 1, averaged with its weights.
         up = sum(w * _cam(cam, x, (crop_h, crop_w)) for w, cam in explainers)
         out[start : start + len(batch), top : top + crop_h, left : left + crop_w] = _unit(up)

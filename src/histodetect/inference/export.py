@@ -10,7 +10,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from histodetect.data.transforms import to_model_input
 from histodetect.errors import HistodetectError
 from histodetect.inference.predictor import Predictor
 
@@ -21,12 +20,10 @@ class _Probability(nn.Module):
     def __init__(self, predictor: Predictor) -> None:
         super().__init__()
         self.model = predictor.model
-        self.meta = predictor.meta
-        self.crop = predictor.crop
+        self.prepare = predictor.prepare
 
     def forward(self, patches: torch.Tensor) -> torch.Tensor:
-        x = to_model_input(patches, self.meta["mean"], self.meta["std"], False, self.crop)
-        return torch.sigmoid(self.model(x))
+        return torch.sigmoid(self.model(self.prepare(patches)))
 
 
 def export_onnx(
@@ -42,6 +39,12 @@ def export_onnx(
 
     run = Path(run)
     predictor = Predictor.from_run(run, "cpu")
+    if predictor.stain.method == "macenko":
+        # Reinhard's L*a*b* statistics trace into the graph; Macenko's eigenvectors do not.
+        raise HistodetectError(
+            f"{run}: Macenko stain normalisation needs an eigen-decomposition, which ONNX lacks; "
+            "this run cannot be exported whole (a Reinhard-normalised run can)."
+        )
     if predictor.temperature != 1.0:
         warnings.warn("the exported graph leaves out the calibration temperature", stacklevel=2)
     wrapper = _Probability(predictor).eval()

@@ -9,7 +9,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from histodetect.data.transforms import dihedral, to_model_input
+from histodetect.data.stain import stain_normaliser
+from histodetect.data.transforms import (
+    centre_crop,
+    dihedral,
+    normalise,
+    to_model_input,
+    to_unit_float,
+)
 from histodetect.errors import HistodetectError
 from histodetect.models.classifier import Classifier, build_model
 
@@ -38,6 +45,17 @@ class Predictor:
         self.threshold = float(meta.get("threshold", 0.5))
         self.crop = int(meta.get("crop", 96))
         self.temperature = float(meta.get("temperature", 1.0))
+        self.stain = stain_normaliser(meta).to(self.device)
+
+    def prepare(self, batch: torch.Tensor, crop: int | None = None) -> torch.Tensor:
+        """uint8 NHWC patches (on the device) → the model's input: stain-normalised when the
+        run was trained so, centre-cropped (``crop``, default the run's) and normalised."""
+        mean, std, crop = self.meta["mean"], self.meta["std"], crop or self.crop
+        if self.stain.method == "none":
+            return to_model_input(batch, mean, std, self.channels_last, crop)
+        # The whole patch is normalised, as in training, and then cropped.
+        x = centre_crop(self.stain(to_unit_float(batch)), crop)
+        return normalise(x, mean, std, self.channels_last)
 
     @classmethod
     def from_run(cls, run: str | Path, device: str = "auto") -> Predictor:
@@ -89,6 +107,12 @@ class Predictor:
                 f"ensemble members see different centre crops ({sorted(crops)} px); ensemble "
                 "runs trained with the same data.crop."
             )
+        methods = {p.stain.method for p in loaded}
+        if len(methods) > 1:
+            raise HistodetectError(
+                f"ensemble members use different stain normalisations ({sorted(methods)}); "
+                "ensemble runs trained with the same data.stain_norm."
+            )
         model = EnsembleModel(
             [p.model for p in loaded],
             (w / w.sum()).tolist(),
@@ -117,10 +141,9 @@ class Predictor:
             raise HistodetectError(f"--tta must be one of {TTA_CHOICES}, got {tta}.")
         images = torch.as_tensor(images)
         out = np.empty(len(images), np.float32)
-        mean, std = self.meta["mean"], self.meta["std"]
         for start in range(0, len(images), batch_size):
             batch = images[start : start + batch_size].to(self.device, non_blocking=True)
-            x = to_model_input(batch, mean, std, self.channels_last, self.crop)
+            x = self.prepare(batch)
             probs = torch.zeros(len(batch), device=self.device)
             for k in range(tta):
                 probs += torch.sigmoid(self.model(dihedral(x, k)).float())
@@ -196,6 +219,9 @@ def ensemble_meta(
         "input_size": first.get("input_size", 96),
         "threshold": float(sum(w * p.threshold for w, p in zip(weights, loaded, strict=True))),
         "synthetic": any(bool(p.meta.get("synthetic")) for p in loaded),
+        # One method (checked); members of a cross-validation fitted near-equal targets on
+        # their own folds, and the first member's stands for all.
+        "stain_norm": first.get("stain_norm"),
         "weight_files": [f for p in loaded for f in p.meta["weight_files"]],
     }
     meta.update({k: own[k] for k in ("threshold", "temperature", "validation") if k in own})
@@ -210,15 +236,18 @@ class PatchList:
     files: list[Path] | None = None
     store: object | None = None
     rows: np.ndarray | None = None
+    images: np.ndarray | None = None  # patches cut from resampled tiles (``--mpp``)
     problems: tuple[tuple[str, str], ...] = ()
 
 
-def list_patches(data: str | Path, split: str | None = None) -> PatchList:
+def list_patches(data: str | Path, split: str | None = None, mpp: float | None = None) -> PatchList:
     """Resolve DATA for prediction.
 
     A Kaggle root predicts ``test/`` in ``sample_submission.csv`` order (missing or extra files
     are problems); any folder of ``<id>.tif/.png/.jpg`` predicts every file sorted by id; a packed
-    store predicts its ``split`` (default: its test split if it has one, else everything).
+    store predicts its ``split`` (default: its test split if it has one, else everything). With
+    ``mpp``, the folder holds tiles of any size at ``mpp`` µm/px: each is resampled to the
+    model's resolution and cut into as many patches as fit (unusable tiles are problems).
     """
     from histodetect.data.patchio import PATCH_SUFFIXES
 
@@ -263,6 +292,11 @@ def list_patches(data: str | Path, split: str | None = None) -> PatchList:
         ids = sorted(files)
     if not ids:
         raise HistodetectError(f"{folder}: holds no patch files (.tif, .png, .jpg).")
+    if mpp is not None:
+        from histodetect.data.tiles import tile_patches
+
+        ids, images, bad = tile_patches([files[i] for i in ids if i in files], mpp)
+        return PatchList(ids, images=images, problems=tuple(problems + bad))
     paths = [files.get(i, folder / f"{i}.tif") for i in ids]
     return PatchList(ids, files=paths, problems=tuple(problems))
 
@@ -308,6 +342,8 @@ def predict_patches(
         stop = min(start + batch_size, n)
         if patches.store is not None:
             return patches.store.read(patches.rows[start:stop]), []
+        if patches.images is not None:
+            return patches.images[start:stop], []
         return _decode_batch(patches.files[start:stop])
 
     bar = tqdm(total=n, unit="patch", desc="predict", disable=not progress)
@@ -320,9 +356,10 @@ def predict_patches(
             for row, why in bad_rows:
                 where = str(patches.files[start + row])
                 if not skip_bad:
+                    hint = " (tiles of other sizes: --mpp)" if why.startswith("wrong size") else ""
                     raise HistodetectError(
-                        f"{where}: {why}. Fix or remove it, or pass --skip-bad to predict the "
-                        f"rest (unreadable patches then get probability {fallback})."
+                        f"{where}: {why}{hint}. Fix or remove it, or pass --skip-bad to predict "
+                        f"the rest (unreadable patches then get probability {fallback})."
                     )
                 bad.append((where, why))
             probs = predictor.predict_proba(images, tta, batch_size)

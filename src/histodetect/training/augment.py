@@ -41,6 +41,8 @@ RECIPES: dict[str, AugmentConfig] = {
         contrast=0.2,
         saturation=0.2,
         hue=0.03,
+        cast=0.3,
+        cast_strength=0.15,
         pca=0.5,
         pca_std=0.2,
         blur=0.2,
@@ -51,6 +53,23 @@ RECIPES: dict[str, AugmentConfig] = {
         noise_std=0.04,
         jpeg=0.25,
         jpeg_quality=50.0,
+    ),
+    # The default's cheap ops with the stain and colour changes of another lab or scanner:
+    # each H&E stain's amount +-40 %, per-channel casts (white balance, an old slide's
+    # yellowing) and stronger brightness/contrast/saturation and blur.
+    "stain": replace(
+        AugmentConfig(),
+        stain=0.8,
+        stain_sigma=0.4,
+        stain_bias=0.1,
+        color=0.8,
+        brightness=0.2,
+        contrast=0.2,
+        saturation=0.25,
+        cast=0.5,
+        cast_strength=0.2,
+        blur=0.2,
+        blur_sigma=1.2,
     ),
 }
 
@@ -164,6 +183,7 @@ class BatchAugment(nn.Module):
             ("affine", c.affine),
             ("stain", c.stain),
             ("color", c.color),
+            ("cast", c.cast),
             ("pca", c.pca),
             ("blur", c.blur),
             ("motion_blur", c.motion_blur),
@@ -248,6 +268,11 @@ class BatchAugment(nn.Module):
         od = -torch.log(x.clamp_min(_OD_EPS)).flatten(2)
         od = torch.baddbmm(offset[:, :, None], mix.transpose(1, 2), od)
         return torch.exp(-od).clamp_max(1.0).view_as(x)
+
+    def _cast(self, x: torch.Tensor) -> torch.Tensor:
+        """A colour cast: every RGB channel scaled by its own factor in ``1 ± cast_strength``."""
+        s = self.cfg.cast_strength
+        return x * _uniform(x.shape[0], 1 - s, 1 + s, x, 3, 1, 1)
 
     def _pca(self, x: torch.Tensor) -> torch.Tensor:
         """AlexNet-style lighting noise along each image's own RGB principal components."""

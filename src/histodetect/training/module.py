@@ -14,6 +14,7 @@ from lightning.pytorch.callbacks import Timer
 from torch import nn
 
 from histodetect.config import RunConfig, merge
+from histodetect.data.stain import StainNormaliser
 from histodetect.data.transforms import normalise, to_unit_float
 from histodetect.errors import HistodetectError
 from histodetect.models.classifier import build_model
@@ -28,16 +29,22 @@ warnings.filterwarnings("ignore", message=".*isinstance\\(treespec, LeafSpec\\).
 class PatchModule(L.LightningModule):
     """Classifier + on-device augmentation/normalisation + loss + AUC/accuracy metrics."""
 
-    def __init__(self, config: dict, pos_weight: float | None = None) -> None:
+    def __init__(
+        self, config: dict, pos_weight: float | None = None, stain_target: dict | None = None
+    ) -> None:
         super().__init__()
         # Checkpoints rebuild the same module from these.
-        self.save_hyperparameters({"config": config, "pos_weight": pos_weight})
+        self.save_hyperparameters(
+            {"config": config, "pos_weight": pos_weight, "stain_target": stain_target}
+        )
         self.cfg: RunConfig = merge(RunConfig(), config)
         m = self.cfg.model
         self.model = build_model(m.arch, m.pretrained, m.weights, m.dropout)
         if m.channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.augment = BatchAugment(self.cfg.augment)
+        # Before augmentation: the model learns from normalised patches, jittered as usual.
+        self.stain = StainNormaliser(self.cfg.data.stain_norm, stain_target)
         self.register_buffer(
             "pos_weight", torch.tensor(pos_weight if pos_weight else 1.0), persistent=False
         )
@@ -70,7 +77,7 @@ class PatchModule(L.LightningModule):
         # Batches cross to the device as uint8 (4x less traffic); the float work happens here.
         images, labels = batch
         d = self.cfg.data
-        x = self.augment(to_unit_float(images), crop=d.crop)
+        x = self.augment(self.stain(to_unit_float(images)), crop=d.crop)
         return normalise(x, d.mean, d.std, self.cfg.model.channels_last), labels
 
     def training_step(self, batch, batch_idx: int) -> torch.Tensor:

@@ -19,6 +19,7 @@ import torch
 from histodetect.config import RunConfig, load_config, to_dict
 from histodetect.data.folds import run_rows
 from histodetect.data.loaders import ensure_store, stratified_subset
+from histodetect.data.stain import fit_target
 from histodetect.data.store import Store
 from histodetect.errors import HistodetectError
 from histodetect.files import write_atomic
@@ -56,6 +57,9 @@ _NOISE = (
     "HPU available: False",
     "Loading `train_dataloader`",
 )
+# Training patches a stain-normalising run fits its target on: enough to average out single
+# patches, few enough to fit in a second.
+STAIN_FIT_PATCHES = 256
 
 
 class _NoNoise(logging.Filter):
@@ -117,7 +121,7 @@ def train(
     data_info = data_description(store)
     prepare_run_folder(run, cfg, data_info, data, resume, primary)
 
-    module = _build_module(cfg, store.labels[train_idx])
+    module = _build_module(cfg, store, train_idx)
     trainer, best, speed = _build_trainer(
         run, cfg, progress, accelerator, devices, num_nodes, strategy
     )
@@ -183,11 +187,18 @@ def _open_data(
     return store, train_idx, valid_idx
 
 
-def _build_module(cfg: RunConfig, train_labels: np.ndarray) -> PatchModule:
-    """Seed everything, then build the module: its initial weights follow from the seed."""
+def _build_module(cfg: RunConfig, store: Store, train_idx: np.ndarray) -> PatchModule:
+    """Seed everything, then build the module: its initial weights follow from the seed.
+
+    A stain-normalising run fits its target on a seeded sample of its training patches here.
+    """
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    pos_weight = positive_weight(cfg.train.class_weights, train_labels)
-    return PatchModule(to_dict(cfg), pos_weight)
+    pos_weight = positive_weight(cfg.train.class_weights, store.labels[train_idx])
+    target = None
+    if cfg.data.stain_norm != "none":
+        rows = np.random.default_rng(cfg.seed).permutation(train_idx)[:STAIN_FIT_PATCHES]
+        target = fit_target(store.read(np.sort(rows)), cfg.data.stain_norm)
+    return PatchModule(to_dict(cfg), pos_weight, target)
 
 
 def _callbacks(

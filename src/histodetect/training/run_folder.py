@@ -99,6 +99,7 @@ def export_model(module: PatchModule, run: Path, extra: dict) -> None:
         "mean": list(cfg.data.mean),
         "std": list(cfg.data.std),
         "threshold": 0.5,
+        "stain_norm": module.stain.describe() or None,
         "histodetect": __version__,
         **extra,
     }

@@ -36,12 +36,16 @@ def resolve_mode(predictor: Predictor, stride: int, mode: str) -> str:
         return mode
     capable = dense_capable(predictor.model)
     step = dense_stride(predictor.model)
-    fits = capable and stride % step == 0
+    # Stain normalisation measures each patch's own stains: a tile's would differ.
+    per_patch = predictor.stain.method != "none"
+    fits = capable and stride % step == 0 and not per_patch
     if mode == "dense" and not fits:
         why = (
             f"the model ({predictor.meta.get('arch')}) has zero padding; train --arch "
             f"{DENSE_ARCH} for dense maps"
             if not capable
+            else f"the run normalises each patch's stain ({predictor.stain.method})"
+            if per_patch
             else f"--stride must be a multiple of {step} for dense mode"
         )
         raise HistodetectError(f"dense mode impossible: {why}, or use --mode patch.")

@@ -8,11 +8,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from histodetect import PCAM_MPP
 from histodetect.errors import HistodetectError
 from histodetect.slides.wsi.readers import SlideReader
 
-# PCam's patches come from Camelyon16 scanned at 0.243 µm/px and downsampled 4x (10x).
-PCAM_MPP = 0.972
 MPP_TOLERANCE = 0.10  # a level within 10% of the target is used as it is, without resampling
 
 

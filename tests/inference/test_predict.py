@@ -199,3 +199,42 @@ def test_predict_mpp_resamples_a_folder_of_mixed_tiles(trained_run, tmp_path):
     with open(out, newline="") as fh:
         rows = list(csv.reader(fh))
     assert [r[0] for r in rows] == ["id", "big_0_0", "big_0_1", "big_1_0", "big_1_1", "small"]
+
+
+def test_evaluate_by_column_scores_each_group_and_names_the_worst(trained_run, tmp_path):
+    from histodetect.inference.evaluate import evaluate
+
+    data, run = trained_run
+    with open(data / "train_labels.csv", newline="") as fh:
+        ids = [r["id"] for r in csv.DictReader(fh)]
+    table = tmp_path / "centres.csv"
+    with open(table, "w", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["id", "centre"])
+        writer.writerows([i, f"centre-{k % 3}"] for k, i in enumerate(ids))
+    ev = evaluate(run, data, "all", n_boot=50, out=tmp_path, by="centre", groups_csv=table)
+    rows = ev.groups["rows"]
+    assert [r["group"] for r in rows] == ["centre-0", "centre-1", "centre-2"]
+    assert sum(r["n"] for r in rows) == ev.n
+    aucs = {r["group"]: r["auc"] for r in rows}
+    assert ev.groups["worst"] == min(aucs, key=aucs.get)
+    assert "<- worst" in ev.summary()
+    saved = json.loads((tmp_path / "metrics_all.json").read_text())
+    assert saved["groups"]["worst"] == ev.groups["worst"]
+    # A table that leaves patches out is named, in one line, exit 2.
+    table.write_text("id,centre\n" + ids[0] + ",a\n")
+    proc = _cli(
+        "evaluate",
+        str(run),
+        "--data",
+        str(data),
+        "--split",
+        "all",
+        "--out",
+        str(tmp_path),
+        "--by",
+        "centre",
+        "--groups",
+        str(table),
+    )
+    assert proc.returncode == 2 and "centres.csv" in proc.stderr and "Traceback" not in proc.stderr

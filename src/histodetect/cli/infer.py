@@ -28,6 +28,13 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="store the temperature fitted on valid in the run (used by predict)",
     )
+    p.add_argument(
+        "--by",
+        metavar="COLUMN",
+        help="also score each group of this column (centre, scanner, slide...) of DATA's "
+        "meta.csv or --groups, and name the worst group",
+    )
+    p.add_argument("--groups", type=Path, help="csv with id and the --by column")
 
 
 @command("evaluate", _evaluate_args)
@@ -51,6 +58,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         args.calibrate,
         args.weights,
         args.out,
+        args.by,
+        args.groups,
     )
     out = args.out or args.runs[0]
     say(ev.summary())

@@ -149,6 +149,8 @@ class Evaluation:
     # What was scored (``validation.scored_data``): folder, kind, store, split, count and
     # whether it is the run's own data; empty when not scored from a folder (cv, slide-eval).
     data: dict = field(default_factory=dict)
+    # ``evaluate --by COLUMN``: {"by": COLUMN, "rows": [per-group metrics], "worst": group}.
+    groups: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -166,6 +168,10 @@ class Evaluation:
             f"  thresholds and temperature chosen on {self.thresholds_from}",
             *(f"  note: {n}" for n in self.notes),
         ]
+        if self.groups:
+            from histodetect.inference.groups import describe_groups
+
+            lines.append(describe_groups(self.groups["by"], self.groups))
         return "\n".join(lines)
 
 
@@ -269,6 +275,18 @@ def plot_evaluation(y: np.ndarray, p: np.ndarray, ev: Evaluation, out: Path, tit
     tmp.replace(out)
 
 
+def _by_group(by, store, idx, data, groups_csv, y, p, ev: Evaluation) -> dict:
+    """Per-group metrics for ``--by``: from the table, or the store's slide ids for ``slide``."""
+    from histodetect.inference.groups import group_metrics, read_groups
+
+    no_table = groups_csv is None and not (Path(data) / "meta.csv").is_file()
+    if by == "slide" and no_table and store.slides is not None:
+        groups = np.asarray(store.slides[idx], dtype=object)
+    else:
+        groups = read_groups(by, [str(store.ids[i]) for i in idx], data, groups_csv)
+    return {"by": by, **group_metrics(y, p, groups, ev.thresholds["run"])}
+
+
 def evaluate(
     runs: str | Path | list[str | Path],
     data: str | Path,
@@ -278,6 +296,8 @@ def evaluate(
     calibrate: bool = False,
     weights: list[float] | None = None,
     out: str | Path | None = None,
+    by: str | None = None,
+    groups_csv: str | Path | None = None,
 ) -> Evaluation:
     """Score a run (or an ensemble) on one split of DATA; writes ``metrics_<split>.json`` + figure.
 
@@ -292,6 +312,9 @@ def evaluate(
         calibrate: store the fitted temperature in the (single) run's ``model.json``.
         weights: ensemble weights, one per run.
         out: folder for the metrics and figure (default: the run folder; needed for several).
+        by: also score each group of this column (centre, scanner, slide...) of DATA's
+            ``meta.csv`` or of ``groups_csv``; ``slide`` falls back to the store's slide ids.
+        groups_csv: a csv with ``id`` and the ``by`` column.
 
     Thresholds and the temperature are chosen on the run's own validation data (the ensemble's
     out-of-fold predictions after ``cv``), never on the data being scored.
@@ -328,6 +351,8 @@ def evaluate(
         notes=training_overlap(runs, store, idx, split),
     )
     ev = replace(ev, data=scored_data(runs, data, store, split, len(y)))
+    if by:
+        ev = replace(ev, groups=_by_group(by, store, idx, data, groups_csv, y, p, ev))
     write_atomic(out / f"metrics_{split}.json", json.dumps(asdict(ev), indent=2).encode())
     title = f"{out.name} on {Path(data).name} {split} ({len(y)} patches, TTA x{tta})"
     plot_evaluation(

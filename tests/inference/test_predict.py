@@ -238,3 +238,44 @@ def test_evaluate_by_column_scores_each_group_and_names_the_worst(trained_run, t
         str(table),
     )
     assert proc.returncode == 2 and "centres.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_predict_details_flag_out_of_scope_patches_and_old_runs_still_work(trained_run, tmp_path):
+    import shutil
+
+    from histodetect.inference.scope import SCOPE_FILE
+
+    data, run = trained_run
+    details, out = tmp_path / "details.csv", tmp_path / "sub.csv"
+    # Patches unlike the training data: flat saturated colours.
+    folder = tmp_path / "odd"
+    folder.mkdir()
+    for k, colour in enumerate([(0, 200, 0), (20, 20, 220), (250, 250, 0)]):
+        tifffile.imwrite(folder / f"odd{k}.tif", np.full((96, 96, 3), colour, np.uint8))
+    for f in sorted((data / "test").glob("*.tif"))[:6]:
+        shutil.copy(f, folder / f.name)
+    proc = _cli(
+        "predict", str(run), "--data", str(folder), "--out", str(out), "--details", str(details)
+    )
+    assert proc.returncode == 0, proc.stderr
+    with open(out, newline="") as fh:
+        assert next(csv.reader(fh)) == ["id", "label"]  # the submission keeps its two columns
+    with open(details, newline="") as fh:
+        rows = {r["id"]: r for r in csv.DictReader(fh)}
+    assert all(rows[f"odd{k}"]["in_scope"] == "no" for k in range(3))
+    assert "OUT OF SCOPE" in proc.stdout
+    # A run without the statistics predicts as before and says the score is unavailable.
+    old = tmp_path / "old-run"
+    shutil.copytree(run, old)
+    (old / SCOPE_FILE).unlink()
+    proc = _cli(
+        "predict", str(old), "--data", str(folder), "--out", str(out), "--details", str(details)
+    )
+    assert proc.returncode == 0 and "unavailable" in proc.stdout
+    with open(details, newline="") as fh:
+        assert {r["in_scope"] for r in csv.DictReader(fh)} == {""}
+    # A damaged statistics file is named in one line, exit 2.
+    (old / SCOPE_FILE).write_bytes(b"\x00" * 40)
+    proc = _cli("predict", str(old), "--data", str(folder), "--out", str(out))
+    assert proc.returncode == 2 and SCOPE_FILE in proc.stderr and "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

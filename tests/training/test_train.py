@@ -74,6 +74,7 @@ def test_short_training_run_writes_a_self_describing_folder(kaggle_dir, tmp_path
         "metrics.json",
         "model.json",
         "model.safetensors",
+        "scope.safetensors",
         "curves.png",
         "logs/metrics.csv",
         "checkpoints/last.ckpt",

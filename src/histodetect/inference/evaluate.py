@@ -284,7 +284,7 @@ def _by_group(by, store, idx, data, groups_csv, y, p, ev: Evaluation) -> dict:
         groups = np.asarray(store.slides[idx], dtype=object)
     else:
         groups = read_groups(by, [str(store.ids[i]) for i in idx], data, groups_csv)
-    return {"by": by, **group_metrics(y, p, groups, ev.thresholds["run"])}
+    return {"by": by, **group_metrics(y, p, groups, ev.thresholds["run"], point_metrics)}
 
 
 def evaluate(

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import csv
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 
 from histodetect.errors import HistodetectError
-from histodetect.inference.evaluate import point_metrics
 
 
 def read_groups(
@@ -46,11 +46,14 @@ def read_groups(
     return np.array([value[i] for i in ids], dtype=object)
 
 
-def group_metrics(y: np.ndarray, p: np.ndarray, groups: np.ndarray, threshold: float) -> dict:
+def group_metrics(
+    y: np.ndarray, p: np.ndarray, groups: np.ndarray, threshold: float, point_metrics: Callable
+) -> dict:
     """ROC AUC, accuracy, sensitivity and specificity per group, and the worst group by AUC.
 
-    A group with one class only has no AUC (its accuracy is still given), and cannot be the
-    worst.
+    ``point_metrics(y, p, threshold)`` is evaluate's, passed in so the two modules do not import
+    each other. A group with one class only has no AUC (its accuracy is still given), and cannot
+    be the worst.
     """
     rows = []
     for name in sorted(set(groups)):

@@ -46,6 +46,7 @@ class Predictor:
         self.crop = int(meta.get("crop", 96))
         self.temperature = float(meta.get("temperature", 1.0))
         self.stain = stain_normaliser(meta).to(self.device)
+        self.scope: dict | None = None  # out-of-scope statistics (``from_run`` loads them)
 
     def prepare(self, batch: torch.Tensor, crop: int | None = None) -> torch.Tensor:
         """uint8 NHWC patches (on the device) → the model's input: stain-normalised when the
@@ -68,7 +69,11 @@ class Predictor:
         if "members" in meta:
             members = [(run / m).resolve() for m in meta["members"]]
             return cls.ensemble(members, meta.get("weights"), device, meta)
-        return cls(_load_classifier(run, meta), meta, device)
+        from histodetect.inference.scope import load_scope
+
+        predictor = cls(_load_classifier(run, meta), meta, device)
+        predictor.scope = load_scope(run)
+        return predictor
 
     @classmethod
     def from_runs(
@@ -153,6 +158,19 @@ class Predictor:
 
             out = apply_temperature(out, self.temperature).astype(np.float32)
         return out
+
+    def scope_scores(self, images: np.ndarray) -> np.ndarray | None:
+        """Out-of-scope score of each uint8 patch, None when the run has no statistics."""
+        if self.scope is None:
+            return None
+        from histodetect.inference.scope import scope_scores
+
+        return scope_scores(self, images, self.scope)
+
+    @property
+    def scope_threshold(self) -> float | None:
+        """Scores above this are out of scope (None: no statistics)."""
+        return None if self.scope is None else float(self.scope["threshold"][0])
 
 
 def read_model_meta(run: Path) -> dict:

@@ -60,6 +60,9 @@ _NOISE = (
 # Training patches a stain-normalising run fits its target on: enough to average out single
 # patches, few enough to fit in a second.
 STAIN_FIT_PATCHES = 256
+# Training patches the out-of-scope statistics are fitted on: plenty for Gaussians of a few
+# hundred dimensions, and a minute of inference on a CPU at most.
+SCOPE_FIT_PATCHES = 20_000
 
 
 class _NoNoise(logging.Filter):
@@ -135,6 +138,7 @@ def train(
     export_model(module, run, {"synthetic": store.synthetic, "data": data_info["fingerprint"]})
     # Final numbers come from the same predictor every other command uses.
     auc, acc = _validation_scores(run, store, valid_idx)
+    fit_run_scope(run, store, train_idx, valid_idx, cfg.seed)
     result = _result(run, store, train_idx, valid_idx, speed, t0, auc, acc)
     _write_metrics(run, result, trainer, best_path, resume)
     write_curves(run, cfg.model.arch, store)
@@ -321,6 +325,20 @@ def _load_best(module: PatchModule, best: ModelCheckpoint) -> str:
         state = torch.load(best_path, map_location="cpu", weights_only=True)
         module.load_state_dict(state["state_dict"])
     return best_path
+
+
+def fit_run_scope(
+    run: Path, store: Store, train_idx: np.ndarray, valid_idx: np.ndarray, seed: int = 0
+) -> dict:
+    """Fit and save the run's out-of-scope statistics on (a sample of) its training patches,
+    with the threshold set on its validation patches."""
+    from histodetect.inference.scope import fit_scope, save_scope
+
+    rows = np.sort(np.random.default_rng(seed).permutation(train_idx)[:SCOPE_FIT_PATCHES])
+    predictor = Predictor.from_run(run)
+    stats = fit_scope(predictor, store.read(rows), store.labels[rows], store.read(valid_idx))
+    save_scope(run, stats)
+    return stats
 
 
 def _validation_scores(run: Path, store: Store, valid_idx: np.ndarray) -> tuple[float, float]:

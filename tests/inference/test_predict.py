@@ -219,6 +219,9 @@ def test_evaluate_by_column_scores_each_group_and_names_the_worst(trained_run, t
     aucs = {r["group"]: r["auc"] for r in rows}
     assert ev.groups["worst"] == min(aucs, key=aucs.get)
     assert "<- worst" in ev.summary()
+    # Metrics on the in-scope patches beside all of them.
+    assert 0 <= ev.scope["out_of_scope"] <= 1 and ev.scope["n_in_scope"] <= ev.n
+    assert "in scope: ROC AUC" in ev.summary() or "EVERY patch" in ev.summary()
     saved = json.loads((tmp_path / "metrics_all.json").read_text())
     assert saved["groups"]["worst"] == ev.groups["worst"]
     # A table that leaves patches out is named, in one line, exit 2.

@@ -151,6 +151,9 @@ class Evaluation:
     data: dict = field(default_factory=dict)
     # ``evaluate --by COLUMN``: {"by": COLUMN, "rows": [per-group metrics], "worst": group}.
     groups: dict = field(default_factory=dict)
+    # Out of scope: {"threshold", "out_of_scope", "n_in_scope", "in_scope": metrics}, or
+    # {"unavailable": why} for runs without the statistics.
+    scope: dict = field(default_factory=dict)
 
     def summary(self) -> str:
         """A few lines for the terminal."""
@@ -168,6 +171,17 @@ class Evaluation:
             f"  thresholds and temperature chosen on {self.thresholds_from}",
             *(f"  note: {n}" for n in self.notes),
         ]
+        if self.scope.get("unavailable"):
+            lines.append(f"  out of scope: {self.scope['unavailable']}")
+        elif self.scope and not self.scope["in_scope"]:
+            lines.append("  out of scope: EVERY patch; these metrics are not to be trusted")
+        elif self.scope:
+            inside = self.scope["in_scope"]
+            lines.append(
+                f"  out of scope: {self.scope['out_of_scope']:.1%} of patches; on the "
+                f"{self.scope['n_in_scope']} in scope: ROC AUC {inside['auc']:.4f}, accuracy "
+                f"{inside['accuracy']:.4f} (all: {m['auc']:.4f}, {m['accuracy']:.4f})"
+            )
         if self.groups:
             from histodetect.inference.groups import describe_groups
 
@@ -275,6 +289,22 @@ def plot_evaluation(y: np.ndarray, p: np.ndarray, ev: Evaluation, out: Path, tit
     tmp.replace(out)
 
 
+def _scope_metrics(predictor, images: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict:
+    """The out-of-scope share and the metrics on the in-scope patches (beside all of them)."""
+    scores = predictor.scope_scores(images)
+    if scores is None:
+        return {"unavailable": "the run has no scope statistics (histodetect scope fits them)"}
+    inside = scores <= predictor.scope_threshold
+    return {
+        "threshold": predictor.scope_threshold,
+        "out_of_scope": float(1 - inside.mean()),
+        "n_in_scope": int(inside.sum()),
+        "in_scope": point_metrics(y[inside], p[inside], predictor.threshold)
+        if inside.any()
+        else {},
+    }
+
+
 def _by_group(by, store, idx, data, groups_csv, y, p, ev: Evaluation) -> dict:
     """Per-group metrics for ``--by``: from the table, or the store's slide ids for ``slide``."""
     from histodetect.inference.groups import group_metrics, read_groups
@@ -332,7 +362,8 @@ def evaluate(
     out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_runs(runs, weights)
     store, idx = labelled_split(runs[0], data, split)
-    p = predictor.predict_proba(store.read(idx), tta=tta)
+    images = store.read(idx)
+    p = predictor.predict_proba(images, tta=tta)
     y = store.labels[idx].astype(np.int64)
     calibration, source = (None, "the validation split scored here")
     if split != "valid":
@@ -351,6 +382,7 @@ def evaluate(
         notes=training_overlap(runs, store, idx, split),
     )
     ev = replace(ev, data=scored_data(runs, data, store, split, len(y)))
+    ev = replace(ev, scope=_scope_metrics(predictor, images, y, p))
     if by:
         ev = replace(ev, groups=_by_group(by, store, idx, data, groups_csv, y, p, ev))
     write_atomic(out / f"metrics_{split}.json", json.dumps(asdict(ev), indent=2).encode())

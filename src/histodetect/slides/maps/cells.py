@@ -93,8 +93,16 @@ def _prefetched(load: Callable, tiles: list, ahead: int = 2):
 class _PatchBatches:
     """Patch-wise inference: tissue windows gathered across tiles into full batches."""
 
-    def __init__(self, predictor: Predictor, prob: np.ndarray, tta: int, batch_size: int):
+    def __init__(
+        self,
+        predictor: Predictor,
+        prob: np.ndarray,
+        tta: int,
+        batch_size: int,
+        scope: np.ndarray | None = None,
+    ):
         self.predictor, self.prob, self.tta, self.batch_size = predictor, prob, tta, batch_size
+        self.scope = scope  # filled with out-of-scope scores when given
         self.pending: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         self.count = 0
 
@@ -109,9 +117,12 @@ class _PatchBatches:
             return
         patches = np.concatenate([p for _, _, p in self.pending])
         out = self.predictor.predict_proba(patches, self.tta, self.batch_size)
+        scores = None if self.scope is None else self.predictor.scope_scores(patches)
         k = 0
         for rr, cc, p in self.pending:
             self.prob[rr, cc] = out[k : k + len(p)]
+            if scores is not None:
+                self.scope[rr, cc] = scores[k : k + len(p)]
             k += len(p)
         self.pending.clear()
         self.count = 0
@@ -129,6 +140,7 @@ def predict_cells(
     tile_cells: int = TILE_CELLS,
     progress: bool = False,
     desc: str = "slide",
+    scope: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, InferenceStats]:
     """P(tumour) of every tissue cell, streaming tiles of ``tile_cells`` x ``tile_cells`` cells.
 
@@ -137,7 +149,8 @@ def predict_cells(
     cells whose window is out of focus (``tissue.in_focus``) are left out and counted. In
     ``patch`` mode the tissue cells' 96 px patches go to ``predictor.predict_proba`` in
     batches; in ``dense`` mode the whole tile goes through the padding-free model once.
-    Memory: a couple of tiles and one batch, whatever the slide's size.
+    Memory: a couple of tiles and one batch, whatever the slide's size. In ``patch`` mode a
+    given ``scope`` array (rows, cols) receives each analysed cell's out-of-scope score.
 
     Returns:
         ``(prob, analysed, stats)``: P(tumour) per cell (0 where not analysed), the cells the
@@ -161,7 +174,7 @@ def predict_cells(
         h = (r1 - r0 - 1) * stride + PATCH_SIZE
         return read(c0 * stride + offset, r0 * stride + offset, w, h)
 
-    batches = _PatchBatches(predictor, prob, tta, batch_size)
+    batches = _PatchBatches(predictor, prob, tta, batch_size, scope)
     t0 = time.perf_counter()
     bar = tqdm(total=int(tissue.sum()), unit="patch", desc=desc, disable=not progress)
     for (r0, c0), pixels in _prefetched(load, tiles):

@@ -127,6 +127,10 @@ class Analysis:
     thumb_px: float  # working px per thumbnail px
     stats: InferenceStats
     regions_level0: list[dict] = field(default_factory=list)
+    # Out-of-scope score per cell (NaN where not analysed); None without statistics or in
+    # dense mode, which has no per-patch features.
+    scope: np.ndarray | None = None
+    scope_threshold: float | None = None
 
 
 def analyse(
@@ -163,6 +167,9 @@ def analyse(
     mode = resolve_mode(predictor, stride, mode)
     threshold = predictor.threshold if threshold is None else float(threshold)
     tissue, thumb, t = tissue_cells(reader, res, stride, min_tissue)
+    scope = None
+    if predictor.scope is not None and mode == "patch":
+        scope = np.full(tissue.shape, np.nan, np.float32)
     prob, tissue, stats = predict_cells(
         working_reader(reader, res),
         tissue,
@@ -174,12 +181,16 @@ def analyse(
         tile_cells=tile_cells,
         progress=progress,
         desc=Path(reader.name).name,
+        scope=scope,
     )
     # One set of outlines in cell units, measured in working pixels and at level 0.
     shapes = cell_regions(prob, tissue, threshold)
     regions = measure_regions(shapes, stride, bounds=(w, h), mpp=res.mpp)
+    _scope_of_regions(shapes, scope, predictor, regions)
     region_map = RegionMap(prob, tissue, stride, regions, threshold, mode)
-    analysis = Analysis(region_map, res, thumb, t, stats)
+    analysis = Analysis(
+        region_map, res, thumb, t, stats, scope=scope, scope_threshold=predictor.scope_threshold
+    )
     if res.scale == 1.0:
         analysis.regions_level0 = regions
     else:
@@ -187,4 +198,22 @@ def analyse(
         analysis.regions_level0 = measure_regions(
             shapes, stride * res.scale, bounds=level0, mpp=reader.mpp
         )
+        _scope_of_regions(shapes, scope, predictor, analysis.regions_level0)
     return analysis
+
+
+def _scope_of_regions(shapes, scope: np.ndarray | None, predictor, regions: list[dict]) -> None:
+    """Each region's share of out-of-scope cells (None without scores), and the flag when it
+    is at least half out of scope: such a region is not to be read as tumour."""
+    import shapely
+
+    for shape, region in zip(shapes, regions, strict=True):
+        share = None
+        if scope is not None:
+            x0, y0, x1, y1 = (int(v) for v in shape.shape.bounds)
+            rr, cc = np.mgrid[y0:y1, x0:x1]
+            inside = shapely.contains_xy(shape.shape, cc + 0.5, rr + 0.5)
+            scores = scope[rr[inside], cc[inside]]
+            share = float(np.mean(scores > predictor.scope_threshold)) if scores.size else None
+        region["out_of_scope_share"] = share
+        region["out_of_scope"] = share is not None and share >= 0.5

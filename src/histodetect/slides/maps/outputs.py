@@ -45,13 +45,22 @@ def geojson_bytes(regions: list[dict], slide: str, tags: list[str] | None = None
                 },
                 "properties": {
                     "objectType": "annotation",
-                    "name": f"tumour region {r['id']}",
-                    "classification": {"name": "Tumor", "color": [200, 0, 0]},
+                    "name": f"tumour region {r['id']}"
+                    + (" (OUT OF SCOPE)" if r.get("out_of_scope") else ""),
+                    # A region mostly unlike the training data is not called tumour outright.
+                    "classification": {"name": "Tumor (out of scope)", "color": [128, 128, 128]}
+                    if r.get("out_of_scope")
+                    else {"name": "Tumor", "color": [200, 0, 0]},
                     "isLocked": False,
                     "measurements": {
                         "max_prob": r["max_prob"],
                         "mean_prob": r["mean_prob"],
                         "area_px": r["area_px"],
+                        **(
+                            {"out_of_scope_share": r["out_of_scope_share"]}
+                            if r.get("out_of_scope_share") is not None
+                            else {}
+                        ),
                         **({"area_mm2": r["area_mm2"]} if r["area_mm2"] is not None else {}),
                         **(
                             {"longest_diameter_mm": r["longest_diameter_mm"]}
@@ -134,6 +143,7 @@ def regions_csv_bytes(regions: list[dict]) -> bytes:
             "y_min",
             "x_max",
             "y_max",
+            "out_of_scope_share",
         ]
     )
     for r in regions:
@@ -154,6 +164,7 @@ def regions_csv_bytes(regions: list[dict]) -> bytes:
                 num(r["centroid"][0], ".1f"),
                 num(r["centroid"][1], ".1f"),
                 *(format(v, ".1f") for v in (*pts.min(0), *pts.max(0))),
+                num(r.get("out_of_scope_share"), ".4f"),
             ]
         )
     return buf.getvalue().encode()
@@ -207,8 +218,19 @@ def write_maps(
         f"  [{'; '.join(tags)}]" if tags else ""
     )
     rings = [[r["polygon"], *r["holes"]] for r in rm.regions]
+    flagged = None
+    if analysis.scope is not None:
+        flagged = np.nan_to_num(analysis.scope, nan=-np.inf) > analysis.scope_threshold
+        caption += "; grey: out of scope"
     picture = render_overlay(
-        base, rm.prob, rm.tissue, rm.stride / t_overlay, rings, caption, ring_scale=1 / t_overlay
+        base,
+        rm.prob,
+        rm.tissue,
+        rm.stride / t_overlay,
+        rings,
+        caption,
+        ring_scale=1 / t_overlay,
+        out_of_scope=flagged,
     )
     write_atomic(out / OUTPUTS["overlay_png"], png_bytes(picture))
     regions = analysis.regions_level0
@@ -232,13 +254,15 @@ def slide_summary(
     """
     res, rm = analysis.resolution, analysis.region_map
     regions = analysis.regions_level0
+    scope = out_of_scope(predictor, analysis)
     largest = max(regions, key=lambda r: r["area_px"], default=None)
     tissue_n = int(rm.tissue.sum())
     cell_mm2 = (rm.stride * res.mpp / 1000) ** 2 if res.mpp else None
     return {
         "slide": str(path),
         "synthetic": bool(tags),
-        "warning": f"{'; '.join(tags)}: says nothing about real slides" if tags else None,
+        "warning": _warning(tags, scope),
+        "out_of_scope": scope,
         "backend": reader.backend,
         "vendor": reader.vendor,
         "level0_size_px": list(reader.dims[0]),
@@ -284,6 +308,37 @@ def slide_summary(
         "outputs": {k: str(out / v) for k, v in OUTPUTS.items()},
         "histodetect": __version__,
     }
+
+
+def out_of_scope(predictor: Predictor, analysis: Analysis) -> dict:
+    """The share of analysed tissue cells out of scope, or why it is unavailable."""
+    if analysis.scope is None:
+        why = (
+            "the run has no scope statistics"
+            if predictor.scope is None
+            else "dense mode has no per-patch features (use --mode patch)"
+        )
+        return {"unavailable": why}
+    cells = analysis.region_map.tissue & ~np.isnan(analysis.scope)
+    flagged = cells & (analysis.scope > predictor.scope_threshold)
+    share = float(flagged.sum() / max(cells.sum(), 1))
+    return {
+        "threshold": predictor.scope_threshold,
+        "cells": int(cells.sum()),
+        "share": share,
+        "mostly_out_of_scope": share > 0.5,
+    }
+
+
+def _warning(tags: list[str], scope: dict) -> str | None:
+    """The summary's warning: synthetic inputs, and a slide mostly unlike the training data."""
+    parts = [f"{'; '.join(tags)}: says nothing about real slides"] if tags else []
+    if scope.get("mostly_out_of_scope"):
+        parts.append(
+            f"{scope['share']:.0%} of the tissue is OUT OF SCOPE (unlike the lymph-node training "
+            "data: other tissue, stain or scanner); the tumour map is not to be trusted"
+        )
+    return "; ".join(parts) or None
 
 
 def write_summary(out: Path, summary: dict) -> None:

@@ -29,8 +29,11 @@ def render_overlay(
     rings: list[list[list[list[float]]]],
     caption: str = "",
     ring_scale: float = 1.0,
+    out_of_scope: np.ndarray | None = None,
 ):
     """A PIL image: the heatmap (jet) over ``base`` on tissue cells, regions outlined in cyan.
+
+    Cells flagged in ``out_of_scope`` are greyed instead of coloured as tumour or normal.
 
     Args:
         base: RGB picture (thumbnail or image).
@@ -40,6 +43,7 @@ def render_overlay(
         rings: Per region, its rings of (x, y) points.
         caption: Text for the footer (with a colour bar for P(tumour)).
         ring_scale: Multiplies ring coordinates into ``base`` pixels.
+        out_of_scope: Cells unlike the training data (same shape as ``prob``), if known.
     """
     from matplotlib import colormaps
     from PIL import Image, ImageDraw
@@ -47,10 +51,15 @@ def render_overlay(
     h, w = base.shape[:2]
     rows, cols = prob.shape
     heat = (colormaps["jet"](prob)[..., :3] * 255).astype(np.uint8)
+    grey = None if out_of_scope is None else out_of_scope & tissue
+    if grey is not None:
+        heat[grey] = 128
     big = (max(w, math.ceil(cols * cell)), max(h, math.ceil(rows * cell)))
     box = (0, 0, big[0] / cell, big[1] / cell)
     heat_img = np.asarray(Image.fromarray(heat).resize(big, Image.Resampling.NEAREST, box=box))
     alpha = np.where(tissue, 0.25 + 0.5 * prob, 0.0).astype(np.float32)
+    if grey is not None:
+        alpha[grey] = 0.6
     alpha_img = Image.fromarray(alpha).resize(big, Image.Resampling.NEAREST, box=box)
     a = np.asarray(alpha_img)[:h, :w, None]
     mixed = base.astype(np.float32) * (1 - a) + heat_img[:h, :w].astype(np.float32) * a

@@ -477,3 +477,37 @@ def test_the_planted_tumour_is_the_hot_region(trained_fcn, tmp_path):
     # The planted ellipse is 330 µm across; cells whose 32 px centre box only touches it are
     # positive too, and attached seam cells can lengthen the region a little.
     assert 0.25 < summary["largest_region"]["longest_diameter_mm"] < 0.6
+
+
+def test_a_slide_unlike_the_training_data_is_flagged_out_of_scope(cnn_run, slide_file, tmp_path):
+    import csv
+    import shutil
+
+    from histodetect.cli.main import main
+    from histodetect.inference.scope import fit_scope, save_scope
+
+    run = tmp_path / "run"
+    shutil.copytree(cnn_run, run)
+    args = ["slide", str(run), str(slide_file), "--out", str(tmp_path / "a"), "--quiet"]
+    assert main([*args, "--mode", "patch", "--threshold", "0"]) == 0
+    summary = json.loads((tmp_path / "a" / "synthetic" / "summary.json").read_text())
+    assert "unavailable" in summary["out_of_scope"]  # a run without statistics still maps
+    # Statistics of flat-coloured patches: every tissue cell of the slide is unlike them.
+    rng = np.random.default_rng(0)
+    flat = np.repeat(rng.integers(0, 256, (64, 1, 1, 3), dtype=np.uint8), 96, 1).repeat(96, 2)
+    flat = np.clip(flat + rng.integers(-2, 3, flat.shape), 0, 255).astype(np.uint8)
+    predictor = Predictor.from_run(run, "cpu")
+    save_scope(run, fit_scope(predictor, flat[:48], np.arange(48) % 2, flat[48:]))
+    args[4] = str(tmp_path / "b")
+    assert main([*args, "--mode", "patch", "--threshold", "0"]) == 0
+    folder = tmp_path / "b" / "synthetic"
+    summary = json.loads((folder / "summary.json").read_text())
+    scope = summary["out_of_scope"]
+    assert scope["cells"] == summary["tissue_cells"] and scope["share"] > 0.5
+    assert scope["mostly_out_of_scope"] and "OUT OF SCOPE" in summary["warning"]
+    with open(folder / "regions.csv", newline="") as fh:
+        shares = [float(r["out_of_scope_share"]) for r in csv.DictReader(fh)]
+    assert shares and min(shares) >= 0.5
+    geo = json.loads((folder / "regions.geojson").read_text())
+    names = {f["properties"]["classification"]["name"] for f in geo["features"]}
+    assert names == {"Tumor (out of scope)"}  # no region is called tumour without the flag

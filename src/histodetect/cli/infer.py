@@ -37,58 +37,6 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--groups", type=Path, help="csv with id and the --by column")
 
 
-def _write_details(path: Path, predictor, patches, probs) -> str:
-    """Write the per-patch details CSV atomically; the line saying how many are out of scope."""
-    import io
-
-    import numpy as np
-
-    from histodetect.files import write_atomic
-
-    scores = _scores(predictor, patches)
-    flags = None if scores is None else scores > predictor.scope_threshold
-    buf = io.StringIO()
-    buf.write("id,probability,scope_score,in_scope\n")
-    for k, pid in enumerate(patches.ids):
-        score = "" if scores is None else f"{scores[k]:.4f}"
-        inside = "" if flags is None else ("no" if flags[k] else "yes")
-        buf.write(f"{pid},{float(probs[k]):.6f},{score},{inside}\n")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(path, buf.getvalue().encode())
-    if flags is None:
-        return (
-            f"wrote {path}; out-of-scope scores unavailable: the run has no scope statistics "
-            "(an ensemble, or trained before them: `histodetect scope RUN --data DATA` fits them)"
-        )
-    n = int(np.sum(flags))
-    return (
-        f"wrote {path}; {n} of {len(flags)} patches ({n / max(len(flags), 1):.1%}) are OUT OF "
-        "SCOPE: unlike the training data (other tissue, stain or scanner); their probabilities "
-        "are not to be trusted"
-    )
-
-
-def _scores(predictor, patches):
-    """Out-of-scope scores of every listed patch (None when the run has no statistics)."""
-    import numpy as np
-
-    from histodetect.inference.predictor import _decode_batch
-
-    if predictor.scope is None:
-        return None
-    out = []
-    for start in range(0, len(patches.ids), 512):
-        stop = min(start + 512, len(patches.ids))
-        if patches.store is not None:
-            images = patches.store.read(patches.rows[start:stop])
-        elif patches.images is not None:
-            images = patches.images[start:stop]
-        else:
-            images = _decode_batch(patches.files[start:stop])[0]
-        out.append(predictor.scope_scores(images))
-    return np.concatenate(out)
-
-
 def _scope_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("run", type=Path, help="run folder (from histodetect train)")
     p.add_argument("--data", required=True, type=Path, help="the data the run was trained on")
@@ -212,7 +160,9 @@ def cmd_predict(args: argparse.Namespace) -> int:
     )
     write_submission(args.out, patches.ids, probs)
     if args.details:
-        say(_write_details(args.details, predictor, patches, probs))
+        from histodetect.inference.scope import write_details
+
+        say(write_details(args.details, predictor, patches, probs))
     problems = list(patches.problems) + bad
     if problems:
         listing = args.out.with_name(args.out.stem + ".problems.csv")

@@ -143,3 +143,19 @@ def decode_image(path: str | Path) -> np.ndarray:
         reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise PatchDecodeError(f"corrupt or truncated image ({reason})") from None
     return np.asarray(image)
+
+
+def decode_batch(paths: list[Path]) -> tuple[np.ndarray, list[tuple[int, str]]]:
+    """Decode patch files into one uint8 (N, 96, 96, 3) array; unreadable ones stay black.
+
+    Returns:
+        The patches and ``(row, why)`` for every file that could not be decoded.
+    """
+    out = np.zeros((len(paths), PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
+    bad = []
+    for k, path in enumerate(paths):
+        try:
+            out[k] = decode_patch(path)
+        except PatchDecodeError as exc:
+            bad.append((k, str(exc)))
+    return out, bad

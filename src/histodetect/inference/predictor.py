@@ -319,19 +319,6 @@ def list_patches(data: str | Path, split: str | None = None, mpp: float | None =
     return PatchList(ids, files=paths, problems=tuple(problems))
 
 
-def _decode_batch(paths: list[Path]) -> tuple[np.ndarray, list[tuple[int, str]]]:
-    from histodetect.data.patchio import PatchDecodeError, decode_patch
-
-    out = np.zeros((len(paths), 96, 96, 3), np.uint8)
-    bad = []
-    for k, path in enumerate(paths):
-        try:
-            out[k] = decode_patch(path)
-        except PatchDecodeError as exc:
-            bad.append((k, str(exc)))
-    return out, bad
-
-
 def predict_patches(
     predictor: Predictor,
     patches: PatchList,
@@ -362,7 +349,9 @@ def predict_patches(
             return patches.store.read(patches.rows[start:stop]), []
         if patches.images is not None:
             return patches.images[start:stop], []
-        return _decode_batch(patches.files[start:stop])
+        from histodetect.data.patchio import decode_batch
+
+        return decode_batch(patches.files[start:stop])
 
     bar = tqdm(total=n, unit="patch", desc="predict", disable=not progress)
     with ThreadPoolExecutor(max_workers=2) as pool:

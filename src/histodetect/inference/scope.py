@@ -14,7 +14,6 @@ vs the resampled tiles of ``../shared/ood`` gave AUROC 0.59 on the pooled last-s
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -150,10 +149,53 @@ def load_scope(run: Path) -> dict[str, np.ndarray] | None:
     return stats
 
 
-def describe(stats: dict[str, np.ndarray] | None) -> str:
-    """One line on the run's scope statistics, for notes and JSON."""
-    if stats is None:
-        return "out-of-scope score unavailable: the run has no scope.safetensors"
-    return json.dumps(
-        {"threshold": float(stats["threshold"][0]), "quantile": float(stats["threshold"][1])}
+def write_details(path: Path, predictor, patches, probs: np.ndarray) -> str:
+    """Write ``id,probability,scope_score,in_scope`` for ``predict --details`` atomically.
+
+    Returns:
+        The line for the terminal: how many patches are out of scope, or why it is unknown.
+    """
+    import io
+
+    from histodetect.files import write_atomic
+
+    scores = patch_scores(predictor, patches)
+    flags = None if scores is None else scores > predictor.scope_threshold
+    buf = io.StringIO()
+    buf.write("id,probability,scope_score,in_scope\n")
+    for k, pid in enumerate(patches.ids):
+        score = "" if scores is None else f"{scores[k]:.4f}"
+        inside = "" if flags is None else ("no" if flags[k] else "yes")
+        buf.write(f"{pid},{float(probs[k]):.6f},{score},{inside}\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(path, buf.getvalue().encode())
+    if flags is None:
+        return (
+            f"wrote {path}; out-of-scope scores unavailable: the run has no scope statistics "
+            "(an ensemble, or trained before them: `histodetect scope RUN --data DATA` fits them)"
+        )
+    n = int(np.sum(flags))
+    return (
+        f"wrote {path}; {n} of {len(flags)} patches ({n / max(len(flags), 1):.1%}) are OUT OF "
+        "SCOPE: unlike the training data (other tissue, stain or scanner); their probabilities "
+        "are not to be trusted"
     )
+
+
+def patch_scores(predictor, patches) -> np.ndarray | None:
+    """Out-of-scope scores of every patch of a ``PatchList`` (None without statistics)."""
+    from histodetect.data.patchio import decode_batch
+
+    if predictor.scope is None:
+        return None
+    out = []
+    for start in range(0, len(patches.ids), 512):
+        stop = min(start + 512, len(patches.ids))
+        if patches.store is not None:
+            images = patches.store.read(patches.rows[start:stop])
+        elif patches.images is not None:
+            images = patches.images[start:stop]
+        else:
+            images = decode_batch(patches.files[start:stop])[0]
+        out.append(predictor.scope_scores(images))
+    return np.concatenate(out)

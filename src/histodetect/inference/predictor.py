@@ -48,10 +48,10 @@ class Predictor:
         self.stain = stain_normaliser(meta).to(self.device)
         self.scope: dict | None = None  # out-of-scope statistics (``from_run`` loads them)
 
-    def prepare(self, batch: torch.Tensor, crop: int | None = None) -> torch.Tensor:
+    def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC patches (on the device) → the model's input: stain-normalised when the
-        run was trained so, centre-cropped (``crop``, default the run's) and normalised."""
-        mean, std, crop = self.meta["mean"], self.meta["std"], crop or self.crop
+        run was trained so, centre-cropped to the run's crop and normalised."""
+        mean, std, crop = self.meta["mean"], self.meta["std"], self.crop
         if self.stain.method == "none":
             return to_model_input(batch, mean, std, self.channels_last, crop)
         # The whole patch is normalised, as in training, and then cropped.

@@ -89,7 +89,6 @@ def fit_scope(
 
     stats: dict[str, np.ndarray] = {}
     valid = descriptors(predictor, valid_images)
-    total = np.zeros(len(valid_images))
     for k, feats in enumerate(descriptors(predictor, train_images)):
         classes = [c for c in (0, 1) if (train_labels == c).any()]
         means = np.stack([feats[train_labels == c].mean(0) for c in classes])
@@ -99,21 +98,27 @@ def fit_scope(
         precision = LedoitWolf().fit(centred).precision_
         log_d = np.log(_distance(valid[k], means, precision))
         scale = np.array([log_d.mean(), log_d.std() + 1e-6])
-        total += (log_d - scale[0]) / scale[1]
         stats |= {f"means{k}": means, f"precision{k}": precision, f"scale{k}": scale}
-    stats["threshold"] = np.array([np.quantile(total, quantile), quantile])
-    return {k: np.asarray(v, np.float32) for k, v in stats.items()}
+    stats = {k: np.asarray(v, np.float32) for k, v in stats.items()}
+    # The threshold from the stored (float32) statistics: what every later score uses.
+    threshold = np.quantile(_score(valid, stats), quantile)
+    return stats | {"threshold": np.array([threshold, quantile], np.float32)}
 
 
-def scope_scores(predictor, images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
-    """Each patch's out-of-scope score (higher = less like the training data)."""
-    total = np.zeros(len(images))
-    for k, feats in enumerate(descriptors(predictor, images)):
+def _score(descs: list[np.ndarray], stats: dict[str, np.ndarray]) -> np.ndarray:
+    """The summed, standardised log-distances of the stages' descriptors."""
+    total = np.zeros(len(descs[0]))
+    for k, feats in enumerate(descs):
         means, precision, scale = (
             stats[f"{n}{k}"].astype(np.float64) for n in ("means", "precision", "scale")
         )
         total += (np.log(_distance(feats, means, precision)) - scale[0]) / scale[1]
     return total
+
+
+def scope_scores(predictor, images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
+    """Each patch's out-of-scope score (higher = less like the training data)."""
+    return _score(descriptors(predictor, images), stats)
 
 
 def save_scope(run: Path, stats: dict[str, np.ndarray]) -> None:

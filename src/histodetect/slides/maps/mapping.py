@@ -127,10 +127,9 @@ class Analysis:
     thumb_px: float  # working px per thumbnail px
     stats: InferenceStats
     regions_level0: list[dict] = field(default_factory=list)
-    # Out-of-scope score per cell (NaN where not analysed); None without statistics or in
-    # dense mode, which has no per-patch features.
-    scope: np.ndarray | None = None
-    scope_threshold: float | None = None
+    # Cells whose patch is out of scope; None without statistics or in dense mode, which has
+    # no per-patch features.
+    out_of_scope: np.ndarray | None = None
 
 
 def analyse(
@@ -186,11 +185,11 @@ def analyse(
     # One set of outlines in cell units, measured in working pixels and at level 0.
     shapes = cell_regions(prob, tissue, threshold)
     regions = measure_regions(shapes, stride, bounds=(w, h), mpp=res.mpp)
-    _scope_of_regions(shapes, scope, predictor, regions)
+    # NaN (cells not analysed) compares as in scope.
+    flagged = None if scope is None else scope > predictor.scope_threshold
+    _scope_of_regions(shapes, flagged, regions)
     region_map = RegionMap(prob, tissue, stride, regions, threshold, mode)
-    analysis = Analysis(
-        region_map, res, thumb, t, stats, scope=scope, scope_threshold=predictor.scope_threshold
-    )
+    analysis = Analysis(region_map, res, thumb, t, stats, out_of_scope=flagged)
     if res.scale == 1.0:
         analysis.regions_level0 = regions
     else:
@@ -198,22 +197,22 @@ def analyse(
         analysis.regions_level0 = measure_regions(
             shapes, stride * res.scale, bounds=level0, mpp=reader.mpp
         )
-        _scope_of_regions(shapes, scope, predictor, analysis.regions_level0)
+        _scope_of_regions(shapes, flagged, analysis.regions_level0)
     return analysis
 
 
-def _scope_of_regions(shapes, scope: np.ndarray | None, predictor, regions: list[dict]) -> None:
+def _scope_of_regions(shapes, flagged: np.ndarray | None, regions: list[dict]) -> None:
     """Each region's share of out-of-scope cells (None without scores), and the flag when it
     is at least half out of scope: such a region is not to be read as tumour."""
     import shapely
 
     for shape, region in zip(shapes, regions, strict=True):
         share = None
-        if scope is not None:
+        if flagged is not None:
             x0, y0, x1, y1 = (int(v) for v in shape.shape.bounds)
             rr, cc = np.mgrid[y0:y1, x0:x1]
             inside = shapely.contains_xy(shape.shape, cc + 0.5, rr + 0.5)
-            scores = scope[rr[inside], cc[inside]]
-            share = float(np.mean(scores > predictor.scope_threshold)) if scores.size else None
+            cells = flagged[rr[inside], cc[inside]]
+            share = float(cells.mean()) if cells.size else None
         region["out_of_scope_share"] = share
         region["out_of_scope"] = share is not None and share >= 0.5

@@ -218,9 +218,7 @@ def write_maps(
         f"  [{'; '.join(tags)}]" if tags else ""
     )
     rings = [[r["polygon"], *r["holes"]] for r in rm.regions]
-    flagged = None
-    if analysis.scope is not None:
-        flagged = np.nan_to_num(analysis.scope, nan=-np.inf) > analysis.scope_threshold
+    if analysis.out_of_scope is not None:
         caption += "; grey: out of scope"
     picture = render_overlay(
         base,
@@ -230,7 +228,7 @@ def write_maps(
         rings,
         caption,
         ring_scale=1 / t_overlay,
-        out_of_scope=flagged,
+        out_of_scope=analysis.out_of_scope,
     )
     write_atomic(out / OUTPUTS["overlay_png"], png_bytes(picture))
     regions = analysis.regions_level0
@@ -312,15 +310,16 @@ def slide_summary(
 
 def out_of_scope(predictor: Predictor, analysis: Analysis) -> dict:
     """The share of analysed tissue cells out of scope, or why it is unavailable."""
-    if analysis.scope is None:
+    if analysis.out_of_scope is None:
         why = (
             "the run has no scope statistics"
             if predictor.scope is None
             else "dense mode has no per-patch features (use --mode patch)"
         )
         return {"unavailable": why}
-    cells = analysis.region_map.tissue & ~np.isnan(analysis.scope)
-    flagged = cells & (analysis.scope > predictor.scope_threshold)
+    # Every analysed cell has a score in patch mode: the tissue cells are those analysed.
+    cells = analysis.region_map.tissue
+    flagged = cells & analysis.out_of_scope
     share = float(flagged.sum() / max(cells.sum(), 1))
     return {
         "threshold": predictor.scope_threshold,

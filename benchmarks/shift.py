@@ -1,19 +1,22 @@
 """Robustness to another lab's stain or scanner: held-out AUC, clean and under fixed shifts.
 
 Usage: python benchmarks/shift.py [DATA] [--minutes 20] [--arm NAME ...] [--run NAME=RUN ...]
-       [--valid-fraction 0.3] [--seed S] [--work DIR]
+       [--valid-fraction 0.3] [--seed S] [--ood DIR] [--work DIR]
 
 DATA defaults to ../shared/pcam-sample (REAL patches); its seeded 30 % validation split is held
 out. Each arm is `histodetect train` with the default recipe and one change, trained one after
 another with all threads and the same time budget (issue 14's protocol):
   default   the default recipe;
   stain     --augment stain (H&E amounts +-40 %, colour casts, stronger colour jitter and blur);
-  reinhard  --stain-norm reinhard;  macenko  --stain-norm macenko.
+  reinhard  --stain-norm reinhard;  macenko  --stain-norm macenko;
+  reinhard+stain  both --stain-norm reinhard and --augment stain.
 ``--run NAME=RUN`` evaluates an already trained run instead of training that arm. Every arm's
 held-out patches are then judged clean and under each shift below (fixed parameters, the same
 pixels for every arm), and the printout gives each AUC, its drop from clean, the worst drop, and
-the paired bootstrap interval of every arm's clean AUC minus the default's. A rerun with the same
-``--work`` skips finished runs and resumes an interrupted one.
+the paired bootstrap interval of every arm's clean AUC minus the default's, and each run's
+out-of-scope AUROC (held-out patches vs the REAL other-organ tiles of --ood, as
+benchmarks/scope.py). A rerun with the same ``--work`` skips finished runs and resumes an
+interrupted one.
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ import torch
 from common import SAMPLE, train_cli
 from PIL import Image, ImageFilter
 from quality import auc, paired_difference
+from scope import other_organ_patches
+from sklearn.metrics import roc_auc_score
 
 from histodetect.data.loaders import split_indices_of
 from histodetect.data.pack import pack
@@ -42,6 +47,7 @@ ARMS = {
     "stain": ("--augment", "stain"),
     "reinhard": ("--stain-norm", "reinhard"),
     "macenko": ("--stain-norm", "macenko"),
+    "reinhard+stain": ("--stain-norm", "reinhard", "--augment", "stain"),
 }
 
 # Ruifrok & Johnston optical-density vectors of haematoxylin, eosin and DAB (rows).
@@ -118,11 +124,16 @@ def train_arm(store_path: Path, run: Path, arm: str, minutes: float, seed: int) 
     train_cli(store_path, run, *ARMS[arm], *budget)
 
 
-def judge(run: Path, images: dict[str, np.ndarray], y: np.ndarray) -> dict:
-    """The run's probabilities and AUC on the clean and every shifted copy of the patches."""
+def judge(run: Path, images: dict[str, np.ndarray], y: np.ndarray, other: np.ndarray) -> dict:
+    """The run's AUC on the clean and every shifted copy, and its out-of-scope AUROC."""
     predictor = Predictor.from_run(run)
     probs = {name: predictor.predict_proba(x) for name, x in images.items()}
-    return {"probs": probs, "auc": {name: auc(p, y) for name, p in probs.items()}}
+    ood = float("nan")
+    if predictor.scope is not None:
+        inside, outside = predictor.scope_scores(images["clean"]), predictor.scope_scores(other)
+        truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+        ood = float(roc_auc_score(truth, np.r_[inside, outside]))
+    return {"probs": probs, "auc": {name: auc(p, y) for name, p in probs.items()}, "ood": ood}
 
 
 def main() -> None:
@@ -133,6 +144,7 @@ def main() -> None:
     parser.add_argument("--run", action="append", default=[], help="NAME=RUN: evaluate RUN")
     parser.add_argument("--valid-fraction", type=float, default=0.3, help="held-out share")
     parser.add_argument("--seed", type=int, default=0, help="training seed of every arm")
+    parser.add_argument("--ood", type=Path, default=SAMPLE.parent / "ood", help="other organs")
     parser.add_argument("--work", type=Path, help="work folder (rerun to resume; default: new)")
     args = parser.parse_args()
     given = dict(item.split("=", 1) for item in args.run)
@@ -161,7 +173,8 @@ def main() -> None:
         runs[arm] = work / f"run-{arm}"
         print(f"trained {arm} in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
-    results = {name: judge(run, images, y) for name, run in runs.items()}
+    other = other_organ_patches(args.ood)[2]
+    results = {name: judge(run, images, y, other) for name, run in runs.items()}
     names = list(results)
     print(f"\n{'ROC AUC (drop from clean)':<28s}" + "".join(f"{n:>17s}" for n in names))
     for shift in images:
@@ -180,7 +193,8 @@ def main() -> None:
         print(
             f"{n}: clean {summary[n]['clean']:.4f}, worst drop {drops[worst]:.4f} ({worst}), "
             f"trained {metrics.get('epochs_run')} epochs at "
-            f"{metrics.get('train_images_per_s', float('nan')):.0f} images/s; run {runs[n]}"
+            f"{metrics.get('train_images_per_s', float('nan')):.0f} images/s; "
+            f"out-of-scope AUROC {results[n]['ood']:.4f}; run {runs[n]}"
         )
     base = "default" if "default" in results else names[0]
     for n in names:

@@ -40,7 +40,7 @@ def main() -> None:
     parser.add_argument("--ood", type=Path, default=SAMPLE.parent / "ood")
     args = parser.parse_args()
     predictor = Predictor.from_run(args.run)
-    if predictor.scope is None:
+    if predictor.scope_threshold is None:
         raise SystemExit(f"{args.run}: no scope.safetensors; run `histodetect scope` first")
     store, valid = labelled_split(args.run, args.data, "valid")
     files, ids, tiles = other_organ_patches(args.ood)

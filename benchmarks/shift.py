@@ -129,7 +129,7 @@ def judge(run: Path, images: dict[str, np.ndarray], y: np.ndarray, other: np.nda
     predictor = Predictor.from_run(run)
     probs = {name: predictor.predict_proba(x) for name, x in images.items()}
     ood = float("nan")
-    if predictor.scope is not None:
+    if predictor.scope_threshold is not None:
         inside, outside = predictor.scope_scores(images["clean"]), predictor.scope_scores(other)
         truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
         ood = float(roc_auc_score(truth, np.r_[inside, outside]))

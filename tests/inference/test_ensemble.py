@@ -158,3 +158,25 @@ def test_calibrating_twice_keeps_the_temperature(two_runs, kaggle_dir):
     # fitting on already-calibrated probabilities without composing would give T = 1 instead.
     assert stored == pytest.approx(first) and first > 2
     assert again == pytest.approx(stored, rel=0.1)
+
+
+def test_an_ensemble_flags_a_patch_when_its_members_on_average_place_it_out_of_scope(two_runs):
+    from histodetect.inference.scope import fit_scope, save_scope
+
+    images, labels = fake_patches(40)
+    odd = np.zeros((4, 96, 96, 3), np.uint8)
+    odd[..., 1] = 220  # flat green: unlike anything fitted
+    assert Predictor.from_runs(list(two_runs), device="cpu").scope_threshold is None
+    for run in two_runs:
+        save_scope(run, fit_scope(Predictor.from_run(run, "cpu"), images, labels, images))
+    members = [Predictor.from_run(r, "cpu") for r in two_runs]
+    ensemble = Predictor.from_runs(list(two_runs), device="cpu")
+    assert ensemble.scope_threshold == 0.0
+    patches = np.concatenate([images[:6], odd])
+    want = np.mean([m.scope_scores(patches) - m.scope_threshold for m in members], axis=0)
+    assert np.allclose(ensemble.scope_scores(patches), want)
+    assert (ensemble.scope_scores(odd) > 0).all()
+    # One member without statistics: the ensemble has none (never a partial vote).
+    (two_runs[1] / "scope.safetensors").unlink()
+    partial = Predictor.from_runs(list(two_runs), device="cpu")
+    assert partial.scope_threshold is None and partial.scope_scores(patches) is None

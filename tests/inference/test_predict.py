@@ -201,6 +201,47 @@ def test_predict_mpp_resamples_a_folder_of_mixed_tiles(trained_run, tmp_path):
     assert [r[0] for r in rows] == ["id", "big_0_0", "big_0_1", "big_1_0", "big_1_1", "small"]
 
 
+def test_evaluate_mpp_scores_labelled_tiles_per_tile_as_predict_sees_them(trained_run, tmp_path):
+    from PIL import Image
+
+    _, run = trained_run
+    root = tmp_path / "tiles"
+    (root / "train").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    sizes = {"a": 224, "b": 512, "c": 224, "d": 512, "e": 300, "f": 224}
+    for name, size in sizes.items():
+        tile = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(tile).save(root / "train" / f"{name}.tif")
+    labels = {name: k % 2 for k, name in enumerate(sizes)}
+    (root / "train_labels.csv").write_text(
+        "id,label\n" + "".join(f"{n},{v}\n" for n, v in labels.items())
+    )
+    out = tmp_path / "out"
+    proc = _cli("evaluate", str(run), "--data", str(root), "--mpp", "0.5", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    ev = json.loads((out / "metrics_tiles.json").read_text())
+    assert ev["n"] == len(sizes) and (out / "evaluation_tiles.png").exists()
+    # Each tile's probability is the highest of its patches' as `predict --mpp` gives them.
+    sub = tmp_path / "patches.csv"
+    proc = _cli("predict", str(run), "--data", str(root / "train"), "--out", str(sub), "--mpp=0.5")
+    assert proc.returncode == 0, proc.stderr
+    with open(sub, newline="") as fh:
+        patch = {r["id"]: float(r["label"]) for r in csv.DictReader(fh)}
+    tile_p = np.array([max(v for k, v in patch.items() if k.split("_")[0] == n) for n in sizes])
+    y = np.array(list(labels.values()))
+    want = point_metrics(y, tile_p, Predictor.from_run(run).threshold)
+    assert ev["metrics"]["auc"] == pytest.approx(want["auc"])
+    assert ev["metrics"]["accuracy"] == pytest.approx(want["accuracy"])
+    # A tile too small for one patch is named, exit 2; options that do not apply are refused.
+    small = rng.integers(0, 256, (60, 60, 3), dtype=np.uint8)
+    Image.fromarray(small).save(root / "train" / "g.tif")
+    (root / "train_labels.csv").write_text((root / "train_labels.csv").read_text() + "g,1\n")
+    proc = _cli("evaluate", str(run), "--data", str(root), "--mpp", "0.5", "--out", str(out))
+    assert proc.returncode == 2 and "g.tif" in proc.stderr and "Traceback" not in proc.stderr
+    proc = _cli("evaluate", str(run), "--data", str(root), "--mpp", "0.5", "--by", "centre")
+    assert proc.returncode == 2 and "--by" in proc.stderr
+
+
 def test_evaluate_by_column_scores_each_group_and_names_the_worst(trained_run, tmp_path):
     from histodetect.inference.evaluate import evaluate
 
@@ -241,6 +282,18 @@ def test_evaluate_by_column_scores_each_group_and_names_the_worst(trained_run, t
         str(table),
     )
     assert proc.returncode == 2 and "centres.csv" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_probabilities_and_scope_scores_of_one_pass_equal_those_of_two(trained_run):
+    from tests.conftest import fake_patches
+
+    _, run = trained_run
+    predictor = Predictor.from_run(run)
+    images, _ = fake_patches(20, seed=4)
+    for tta in (1, 8):
+        probs, scores = predictor.predict_and_score(images, tta, batch_size=7)
+        assert np.allclose(probs, predictor.predict_proba(images, tta), atol=1e-6)
+        assert np.allclose(scores, predictor.scope_scores(images), rtol=1e-5, atol=1e-5)
 
 
 def test_predict_details_flag_out_of_scope_patches_and_old_runs_still_work(trained_run, tmp_path):

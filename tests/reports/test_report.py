@@ -67,6 +67,11 @@ def test_report_is_one_self_contained_page_with_metrics(reported):
     assert 'class="banner">SYNTHETIC DATA' in page
     top = json.loads((run / "explain" / "explain.json").read_text())["top_losses"]
     assert top and top[0]["id"] in page
+    # The out-of-scope section: the validation scores' histogram per class and the share.
+    scope = ev["scope"]
+    assert '<h2 id="scope">Out of scope</h2>' in page and page.count("<svg") == 1
+    assert f"{100 * scope['out_of_scope']:.1f} %" in page and "not a diagnosis" in page
+    assert sum(scope["histogram"]["normal"]) + sum(scope["histogram"]["tumour"]) == ev["n"]
 
 
 @pytest.mark.slow
@@ -88,6 +93,7 @@ def test_report_without_data_says_what_is_missing(reported, tmp_path):
     assert "histodetect evaluate" in page and "histodetect explain" in page
     assert not list(run.glob("metrics_*.json"))  # nothing computed without DATA
     assert page.count("<img") == 1  # only the training curves
+    assert "No out-of-scope scores" in page and "<svg" not in page
 
 
 @pytest.mark.slow

@@ -513,6 +513,39 @@ def test_region_maps_a_larger_image_with_the_slide_code(run):
     assert np.array_equal(overlay, _decoded(overlay_png(region, want)))
 
 
+def test_every_answer_says_whether_a_patch_is_out_of_scope(client, run, tmp_path):
+    from histodetect.inference.scope import fit_scope, save_scope
+
+    images, labels = fake_patches(40, seed=5)
+    odd = np.zeros((2, 96, 96, 3), np.uint8)
+    odd[..., 1] = 220  # flat green: unlike anything fitted
+    uploads = [(f"p{i}.png", _encode(x, "png")) for i, x in enumerate([*images[:3], *odd])]
+    # A run without scope statistics: the fields are there, null.
+    body = client.post("/v1/predict", files=_files(*uploads)).json()
+    assert body["scope_threshold"] is None and body["out_of_scope"] is None
+    assert {(r["scope_score"], r["in_scope"]) for r in body["results"]} == {(None, None)}
+    # With them: the predictor's scores and flags, in every answer.
+    scoped = tmp_path / "scoped"
+    shutil.copytree(run, scoped)
+    save_scope(scoped, fit_scope(Predictor.from_run(run, "cpu"), images, labels, images))
+    predictor = Predictor.from_run(scoped, "cpu")
+    region = np.concatenate([np.concatenate([images[k], odd[0]], 1) for k in (0, 1)])
+    with TestClient(create_app(scoped, predictor=predictor, device="cpu")) as c:
+        assert c.get("/v1/model").json()["scope_threshold"] == predictor.scope_threshold
+        body = c.post("/v1/predict", files=_files(*uploads)).json()
+        explained = c.post("/v1/explain", files={"file": uploads[-1]})
+        mapped = c.post("/v1/region", files={"file": ("r.png", _encode(region, "png"))}).json()
+    want = predictor.scope_scores(np.concatenate([images[:3], odd]))
+    got = [r["scope_score"] for r in body["results"]]
+    assert np.allclose(got, want, rtol=1e-5)
+    assert [r["in_scope"] for r in body["results"]] == list(want <= predictor.scope_threshold)
+    assert body["results"][-1]["in_scope"] is False and body["out_of_scope"] >= 2
+    assert explained.headers["X-In-Scope"] == "no"
+    want_map = map_image(predictor, region, stride=32)
+    assert mapped["out_of_scope_share"] == pytest.approx(want_map.out_of_scope_share)
+    assert mapped["out_of_scope_share"] > 0
+
+
 def test_region_stride_cannot_multiply_the_work_beyond_the_limit(run, predictor):
     # 200x200 px fits 40,000 pixels; at stride 16 it is 169 patches, over 4x the 40 (+1) that
     # the pixel limit allows at the default stride 32.
@@ -701,6 +734,8 @@ def test_browser_shows_the_probabilities_of_histodetect_predict(run, shared_samp
                 assert shown == round(expected[pid], 4) or abs(shown - expected[pid]) < 6e-5
                 label = row.query_selector("td.label").inner_text()
                 assert label == ("tumour" if expected[pid] >= 0.5 else "no tumour")
+                # This run has no scope statistics, and the page says so rather than guess.
+                assert row.query_selector("td.scope").inner_text() == "–"
                 heat = row.query_selector("img.heat")
                 assert heat.get_attribute("data-state") == "ready"
                 assert heat.evaluate("img => img.naturalWidth") == 96
@@ -722,6 +757,7 @@ def test_browser_shows_the_probabilities_of_histodetect_predict(run, shared_samp
             page.dispatch_event("#region-drop", "drop", {"dataTransfer": drop})
             page.wait_for_selector("body[data-region=done]", timeout=60_000)
             assert "mosaic.png: 288×288 px, stride 32 px" in page.inner_text("#region-summary")
+            assert "unavailable" in page.inner_text("#patch-status")
             width = page.eval_on_selector("#region-overlay", "img => img.naturalWidth")
             assert width > 0
             shot = tmp_path / "service_page.png"

@@ -6,6 +6,7 @@ import argparse
 from pathlib import Path
 
 from histodetect.cli.registry import command, say
+from histodetect.errors import HistodetectError
 
 
 def _evaluate_args(p: argparse.ArgumentParser) -> None:
@@ -35,6 +36,12 @@ def _evaluate_args(p: argparse.ArgumentParser) -> None:
         "meta.csv or --groups, and name the worst group",
     )
     p.add_argument("--groups", type=Path, help="csv with id and the --by column")
+    p.add_argument(
+        "--mpp",
+        type=float,
+        help="DATA holds labelled tiles of any size at this many µm/px (train/ + "
+        "train_labels.csv): each is resampled and cut into patches, and scored per tile",
+    )
 
 
 def _scope_args(p: argparse.ArgumentParser) -> None:
@@ -74,6 +81,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     """
     from histodetect.inference.evaluate import evaluate
 
+    if args.mpp is not None:
+        return _evaluate_tiles(args)
     ev = evaluate(
         args.runs,
         args.data,
@@ -89,6 +98,24 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     out = args.out or args.runs[0]
     say(ev.summary())
     say(f"written: {out / f'metrics_{args.split}.json'}, {out / f'evaluation_{args.split}.png'}")
+    return 0
+
+
+def _evaluate_tiles(args: argparse.Namespace) -> int:
+    """``evaluate --mpp``: labelled tiles of another resolution, scored per tile."""
+    from histodetect.inference.tile_eval import SPLIT, evaluate_tiles
+
+    if args.by or args.calibrate or args.split != "valid":
+        raise HistodetectError(
+            "--mpp scores tiles as external data, per tile: --by, --calibrate and --split do "
+            "not apply."
+        )
+    ev = evaluate_tiles(
+        args.runs, args.data, args.mpp, args.tta, args.bootstrap, args.weights, args.out
+    )
+    out = args.out or args.runs[0]
+    say(ev.summary())
+    say(f"written: {out / f'metrics_{SPLIT}.json'}, {out / f'evaluation_{SPLIT}.png'}")
     return 0
 
 
@@ -133,6 +160,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
     Rows follow sample_submission.csv when DATA has one (else sorted ids), exactly one per id.
     Several runs are averaged (optionally weighted). The CSV is written atomically.
     """
+    import numpy as np
+
     from histodetect.errors import BadInputError, describe_problems
     from histodetect.files import write_problems_csv
     from histodetect.inference.predictor import (
@@ -155,14 +184,24 @@ def cmd_predict(args: argparse.Namespace) -> int:
             list(patches.problems),
         )
     predictor = Predictor.from_runs(args.runs, args.weights, args.device)
+    threshold = predictor.scope_threshold
+    scores = None
+    if args.details and threshold is not None:
+        scores = np.full(len(patches.ids), np.nan)  # filled in the probabilities' pass
     probs, bad = predict_patches(
-        predictor, patches, args.tta, args.batch_size, args.skip_bad, args.fallback
+        predictor,
+        patches,
+        args.tta,
+        args.batch_size,
+        args.skip_bad,
+        args.fallback,
+        scores_out=scores,
     )
     write_submission(args.out, patches.ids, probs)
     if args.details:
         from histodetect.inference.scope import write_details
 
-        say(write_details(args.details, predictor, patches, probs))
+        say(write_details(args.details, patches.ids, probs, scores, threshold))
     problems = list(patches.problems) + bad
     if problems:
         listing = args.out.with_name(args.out.stem + ".problems.csv")

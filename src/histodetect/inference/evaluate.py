@@ -13,6 +13,7 @@ from histodetect.files import write_atomic
 from histodetect.inference.calibration import fit_temperature
 
 EPS = 1e-7
+SCOPE_BINS = 40  # histogram bins of the out-of-scope scores, for the report
 
 
 def _confusion(y: np.ndarray, p: np.ndarray, threshold: float) -> dict[str, int]:
@@ -237,6 +238,13 @@ def evaluate_probabilities(
     )
 
 
+def save_evaluation(ev: Evaluation, y: np.ndarray, p: np.ndarray, out: Path, title: str) -> None:
+    """Write ``metrics_<split>.json`` and the ``evaluation_<split>.png`` figure into ``out``."""
+    write_atomic(out / f"metrics_{ev.split}.json", json.dumps(asdict(ev), indent=2).encode())
+    figure = out / f"evaluation_{ev.split}.png"
+    plot_evaluation(y, p, ev, figure, title + (" SYNTHETIC DATA" if ev.synthetic else ""))
+
+
 def plot_evaluation(y: np.ndarray, p: np.ndarray, ev: Evaluation, out: Path, title: str) -> None:
     """ROC, precision-recall, reliability diagram and confusion matrix as one PNG."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -289,19 +297,29 @@ def plot_evaluation(y: np.ndarray, p: np.ndarray, ev: Evaluation, out: Path, tit
     tmp.replace(out)
 
 
-def _scope_metrics(predictor, images: np.ndarray, y: np.ndarray, p: np.ndarray) -> dict:
-    """The out-of-scope share and the metrics on the in-scope patches (beside all of them)."""
-    scores = predictor.scope_scores(images)
-    if scores is None:
-        return {"unavailable": "the run has no scope statistics (histodetect scope fits them)"}
-    inside = scores <= predictor.scope_threshold
+def scope_metrics(predictor, scores: np.ndarray | None, y: np.ndarray, p: np.ndarray) -> dict:
+    """The out-of-scope share, the metrics on the in-scope patches (beside all of them) and
+    the scores' histogram per class (for the report)."""
+    threshold = predictor.scope_threshold
+    if scores is None or threshold is None:
+        return {
+            "unavailable": "the run has no scope statistics (histodetect scope RUN --data DATA "
+            "fits them; an ensemble needs them in every member)"
+        }
+    inside = scores <= threshold
+    edges = np.histogram_bin_edges(np.r_[scores, threshold], bins=SCOPE_BINS)
     return {
-        "threshold": predictor.scope_threshold,
+        "threshold": threshold,
         "out_of_scope": float(1 - inside.mean()),
         "n_in_scope": int(inside.sum()),
         "in_scope": point_metrics(y[inside], p[inside], predictor.threshold)
         if inside.any()
         else {},
+        "histogram": {
+            "edges": edges.round(4).tolist(),
+            "normal": np.histogram(scores[y == 0], edges)[0].tolist(),
+            "tumour": np.histogram(scores[y == 1], edges)[0].tolist(),
+        },
     }
 
 
@@ -363,7 +381,7 @@ def evaluate(
     predictor = Predictor.from_runs(runs, weights)
     store, idx = labelled_split(runs[0], data, split)
     images = store.read(idx)
-    p = predictor.predict_proba(images, tta=tta)
+    p, scores = predictor.predict_and_score(images, tta=tta)
     y = store.labels[idx].astype(np.int64)
     calibration, source = (None, "the validation split scored here")
     if split != "valid":
@@ -382,18 +400,11 @@ def evaluate(
         notes=training_overlap(runs, store, idx, split),
     )
     ev = replace(ev, data=scored_data(runs, data, store, split, len(y)))
-    ev = replace(ev, scope=_scope_metrics(predictor, images, y, p))
+    ev = replace(ev, scope=scope_metrics(predictor, scores, y, p))
     if by:
         ev = replace(ev, groups=_by_group(by, store, idx, data, groups_csv, y, p, ev))
-    write_atomic(out / f"metrics_{split}.json", json.dumps(asdict(ev), indent=2).encode())
     title = f"{out.name} on {Path(data).name} {split} ({len(y)} patches, TTA x{tta})"
-    plot_evaluation(
-        y,
-        p,
-        ev,
-        out / f"evaluation_{split}.png",
-        title + (" SYNTHETIC DATA" if store.synthetic else ""),
-    )
+    save_evaluation(ev, y, p, out, title)
     if calibrate:
         if ev.temperature is None:
             raise HistodetectError(f"--calibrate: {ev.thresholds_from}; no temperature fitted.")

@@ -47,6 +47,7 @@ class Predictor:
         self.temperature = float(meta.get("temperature", 1.0))
         self.stain = stain_normaliser(meta).to(self.device)
         self.scope: dict | None = None  # out-of-scope statistics (``from_run`` loads them)
+        self.members: list[Predictor] = []  # an ensemble's member runs (their scope statistics)
 
     def prepare(self, batch: torch.Tensor) -> torch.Tensor:
         """uint8 NHWC patches (on the device) → the model's input: stain-normalised when the
@@ -125,13 +126,17 @@ class Predictor:
             (loaded[0].meta["mean"], loaded[0].meta["std"]),
             [p.temperature for p in loaded],
         )
-        return cls(model, ensemble_meta(runs, loaded, w / w.sum(), meta or {}), device)
+        predictor = cls(model, ensemble_meta(runs, loaded, w / w.sum(), meta or {}), device)
+        for member in loaded:  # their models are the ensemble's, now on its device
+            member.device = predictor.device
+            member.stain = member.stain.to(predictor.device)
+        predictor.members = loaded
+        return predictor
 
     def weight_files(self) -> list[Path]:
         """The safetensors files behind this predictor (one per member of an ensemble)."""
         return [Path(f) for f in self.meta.get("weight_files", [])]
 
-    @torch.inference_mode()
     def predict_proba(
         self, images: np.ndarray | torch.Tensor, tta: int = 1, batch_size: int = 256
     ) -> np.ndarray:
@@ -142,6 +147,11 @@ class Predictor:
             tta: 1, 2, 4 or 8 dihedral views averaged (as probabilities).
             batch_size: patches per forward pass.
         """
+        return self._predict(images, tta, batch_size)
+
+    @torch.inference_mode()
+    def _predict(self, images, tta: int, batch_size: int, capture=None) -> np.ndarray:
+        """``predict_proba``; with a ``StageCapture``, its descriptors of the first view too."""
         if tta not in TTA_CHOICES:
             raise HistodetectError(f"--tta must be one of {TTA_CHOICES}, got {tta}.")
         images = torch.as_tensor(images)
@@ -152,6 +162,8 @@ class Predictor:
             probs = torch.zeros(len(batch), device=self.device)
             for k in range(tta):
                 probs += torch.sigmoid(self.model(dihedral(x, k)).float())
+                if capture is not None and k == 0:  # the untransformed view, as fitted
+                    capture.collect()
             out[start : start + len(batch)] = (probs / tta).cpu().numpy()
         if self.temperature != 1.0:  # calibrated by `evaluate --calibrate`
             from histodetect.inference.calibration import apply_temperature
@@ -159,17 +171,44 @@ class Predictor:
             out = apply_temperature(out, self.temperature).astype(np.float32)
         return out
 
-    def scope_scores(self, images: np.ndarray) -> np.ndarray | None:
-        """Out-of-scope score of each uint8 patch, None when the run has no statistics."""
+    def predict_and_score(
+        self, images: np.ndarray, tta: int = 1, batch_size: int = 256
+    ) -> tuple[np.ndarray, np.ndarray | None]:
+        """``predict_proba`` and ``scope_scores`` of the same patches (scores None without
+        statistics): what every answer per patch gives together.
+
+        A run's scores come from the same forward pass as its probabilities (hooks on its
+        first stages); an ensemble's members score in passes of their own.
+        """
         if self.scope is None:
+            return self.predict_proba(images, tta, batch_size), self.scope_scores(images)
+        from histodetect.inference.scope import StageCapture, score_descriptors
+
+        with StageCapture(self.model) as capture:
+            probs = self._predict(images, tta, batch_size, capture)
+        return probs, score_descriptors(capture.descriptors(), self.scope)
+
+    def scope_scores(self, images: np.ndarray) -> np.ndarray | None:
+        """Out-of-scope score of each uint8 patch, None when the run has no statistics.
+
+        An ensemble's score is the mean of its members' scores, each less its own threshold
+        (members' scores live in their own feature spaces): the ensemble flags a patch when its
+        members, on average, place it beyond their thresholds. None if any member lacks them.
+        """
+        if self.scope_threshold is None:
             return None
+        if self.members:
+            margins = [m.scope_scores(images) - m.scope_threshold for m in self.members]
+            return np.mean(margins, axis=0)
         from histodetect.inference.scope import scope_scores
 
         return scope_scores(self, images, self.scope)
 
     @property
     def scope_threshold(self) -> float | None:
-        """Scores above this are out of scope (None: no statistics)."""
+        """Scores above this are out of scope (None: no statistics; 0 for an ensemble)."""
+        if self.members:
+            return None if any(m.scope_threshold is None for m in self.members) else 0.0
         return None if self.scope is None else float(self.scope["threshold"][0])
 
 
@@ -327,12 +366,15 @@ def predict_patches(
     skip_bad: bool = False,
     fallback: float = 0.5,
     progress: bool = True,
+    scores_out: np.ndarray | None = None,
 ) -> tuple[np.ndarray, list[tuple[str, str]]]:
     """Probability of every patch (an ensemble predictor averages its members).
 
     Files are decoded a batch ahead in worker threads while the models run, so memory holds a
     few batches, not the data set. Returns the probabilities and the list of unreadable patches,
     which get ``fallback`` when ``skip_bad`` (otherwise the first one stops the job).
+    ``scores_out`` (one float per patch), when given for a predictor with scope statistics, is
+    filled with the out-of-scope scores in the same pass (NaN for unreadable patches).
     """
     from concurrent.futures import ThreadPoolExecutor
 
@@ -369,9 +411,15 @@ def predict_patches(
                         f"the rest (unreadable patches then get probability {fallback})."
                     )
                 bad.append((where, why))
-            probs = predictor.predict_proba(images, tta, batch_size)
+            if scores_out is None:
+                probs = predictor.predict_proba(images, tta, batch_size)
+            else:
+                probs, scores = predictor.predict_and_score(images, tta, batch_size)
+                scores_out[start : start + len(images)] = scores
             for row, _ in bad_rows:
                 probs[row] = fallback
+                if scores_out is not None:
+                    scores_out[start + row] = np.nan
             out[start : start + len(images)] = probs
             bar.update(len(images))
     bar.close()

@@ -42,30 +42,54 @@ def stage_modules(backbone: nn.Module) -> list[nn.Module]:
     return mods[:STAGES]
 
 
+class StageCapture:
+    """Hooks on a model's first backbone stages: after each forward pass, ``collect`` keeps the
+    patches' descriptors (per stage, channel means and standard deviations of the feature maps).
+
+    Used as a context manager, so that the hooks never outlive the pass they serve.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        if not hasattr(model, "backbone"):
+            raise HistodetectError(
+                "out-of-scope statistics are fitted per run; fit each member of the ensemble."
+            )
+        self.stages = stage_modules(model.backbone)
+        self.seen: dict[int, torch.Tensor] = {}
+        self.parts: list[list[np.ndarray]] = [[] for _ in self.stages]
+        self.hooks: list = []
+
+    def __enter__(self) -> StageCapture:
+        self.hooks = [
+            m.register_forward_hook(lambda _m, _i, out, k=k: self.seen.__setitem__(k, out))
+            for k, m in enumerate(self.stages)
+        ]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self.hooks:
+            h.remove()
+
+    def collect(self) -> None:
+        """Keep the descriptors of the last forward pass."""
+        for k in range(len(self.stages)):
+            f = self.seen[k].float().flatten(2)
+            self.parts[k].append(torch.cat([f.mean(2), f.std(2)], 1).cpu().numpy())
+
+    def descriptors(self) -> list[np.ndarray]:
+        """Per stage, (N, 2C) descriptors of every patch collected so far."""
+        return [np.concatenate(parts) for parts in self.parts]
+
+
 @torch.inference_mode()
 def descriptors(predictor, images: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
     """Per stage, (N, 2C) channel means and standard deviations of the patches' feature maps."""
-    model = predictor.model
-    if not hasattr(model, "backbone"):
-        raise HistodetectError("out-of-scope scores are per run; an ensemble has none of its own.")
-    stages = stage_modules(model.backbone)
-    seen: dict[int, torch.Tensor] = {}
-    hooks = [
-        m.register_forward_hook(lambda _m, _i, out, k=k: seen.__setitem__(k, out))
-        for k, m in enumerate(stages)
-    ]
-    out: list[list[np.ndarray]] = [[] for _ in stages]
-    try:
+    with StageCapture(predictor.model) as capture:
         for start in range(0, len(images), batch_size):
             batch = torch.as_tensor(images[start : start + batch_size]).to(predictor.device)
-            model(predictor.prepare(batch))
-            for k in range(len(stages)):
-                f = seen[k].float().flatten(2)
-                out[k].append(torch.cat([f.mean(2), f.std(2)], 1).cpu().numpy())
-    finally:
-        for h in hooks:
-            h.remove()
-    return [np.concatenate(parts) for parts in out]
+            predictor.model(predictor.prepare(batch))
+            capture.collect()
+    return capture.descriptors()
 
 
 def _distance(x: np.ndarray, means: np.ndarray, precision: np.ndarray) -> np.ndarray:
@@ -101,11 +125,11 @@ def fit_scope(
         stats |= {f"means{k}": means, f"precision{k}": precision, f"scale{k}": scale}
     stats = {k: np.asarray(v, np.float32) for k, v in stats.items()}
     # The threshold from the stored (float32) statistics: what every later score uses.
-    threshold = np.quantile(_score(valid, stats), quantile)
+    threshold = np.quantile(score_descriptors(valid, stats), quantile)
     return stats | {"threshold": np.array([threshold, quantile], np.float32)}
 
 
-def _score(descs: list[np.ndarray], stats: dict[str, np.ndarray]) -> np.ndarray:
+def score_descriptors(descs: list[np.ndarray], stats: dict[str, np.ndarray]) -> np.ndarray:
     """The summed, standardised log-distances of the stages' descriptors."""
     total = np.zeros(len(descs[0]))
     for k, feats in enumerate(descs):
@@ -118,7 +142,7 @@ def _score(descs: list[np.ndarray], stats: dict[str, np.ndarray]) -> np.ndarray:
 
 def scope_scores(predictor, images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     """Each patch's out-of-scope score (higher = less like the training data)."""
-    return _score(descriptors(predictor, images), stats)
+    return score_descriptors(descriptors(predictor, images), stats)
 
 
 def save_scope(run: Path, stats: dict[str, np.ndarray]) -> None:
@@ -154,8 +178,17 @@ def load_scope(run: Path) -> dict[str, np.ndarray] | None:
     return stats
 
 
-def write_details(path: Path, predictor, patches, probs: np.ndarray) -> str:
+def write_details(
+    path: Path,
+    ids: list[str],
+    probs: np.ndarray,
+    scores: np.ndarray | None,
+    threshold: float | None,
+) -> str:
     """Write ``id,probability,scope_score,in_scope`` for ``predict --details`` atomically.
+
+    ``scores`` is None when the run has no statistics (the two columns stay empty); a NaN score
+    (an unreadable patch) is left empty too.
 
     Returns:
         The line for the terminal: how many patches are out of scope, or why it is unknown.
@@ -164,43 +197,24 @@ def write_details(path: Path, predictor, patches, probs: np.ndarray) -> str:
 
     from histodetect.files import write_atomic
 
-    scores = patch_scores(predictor, patches)
-    flags = None if scores is None else scores > predictor.scope_threshold
     buf = io.StringIO()
     buf.write("id,probability,scope_score,in_scope\n")
-    for k, pid in enumerate(patches.ids):
-        score = "" if scores is None else f"{scores[k]:.4f}"
-        inside = "" if flags is None else ("no" if flags[k] else "yes")
+    for k, pid in enumerate(ids):
+        known = scores is not None and threshold is not None and not np.isnan(scores[k])
+        score = f"{scores[k]:.4f}" if known else ""
+        inside = ("no" if scores[k] > threshold else "yes") if known else ""
         buf.write(f"{pid},{float(probs[k]):.6f},{score},{inside}\n")
     path.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(path, buf.getvalue().encode())
-    if flags is None:
+    if scores is None or threshold is None:
         return (
             f"wrote {path}; out-of-scope scores unavailable: the run has no scope statistics "
-            "(an ensemble, or trained before them: `histodetect scope RUN --data DATA` fits them)"
+            "(trained before them: `histodetect scope RUN --data DATA` fits them; an ensemble "
+            "needs them in every member)"
         )
-    n = int(np.sum(flags))
+    n = int(np.sum(scores > threshold))
     return (
-        f"wrote {path}; {n} of {len(flags)} patches ({n / max(len(flags), 1):.1%}) are OUT OF "
+        f"wrote {path}; {n} of {len(ids)} patches ({n / max(len(ids), 1):.1%}) are OUT OF "
         "SCOPE: unlike the training data (other tissue, stain or scanner); their probabilities "
         "are not to be trusted"
     )
-
-
-def patch_scores(predictor, patches) -> np.ndarray | None:
-    """Out-of-scope scores of every patch of a ``PatchList`` (None without statistics)."""
-    from histodetect.data.patchio import decode_batch
-
-    if predictor.scope is None:
-        return None
-    out = []
-    for start in range(0, len(patches.ids), 512):
-        stop = min(start + 512, len(patches.ids))
-        if patches.store is not None:
-            images = patches.store.read(patches.rows[start:stop])
-        elif patches.images is not None:
-            images = patches.images[start:stop]
-        else:
-            images = decode_batch(patches.files[start:stop])[0]
-        out.append(predictor.scope_scores(images))
-    return np.concatenate(out)

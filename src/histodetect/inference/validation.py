@@ -44,9 +44,9 @@ def _split_key(run: Path) -> tuple:
     return (_fingerprint(run), d.valid_fraction, d.split_seed, d.folds, d.fold, d.groups)
 
 
-def _own_store(run: Path, store: Store) -> Store | None:
+def _own_store(run: Path, store: Store | None) -> Store | None:
     """The packed store a run trained on: ``store`` itself when it is that data, else its own."""
-    if _fingerprint(run) == store.manifest.get("fingerprint"):
+    if store is not None and _fingerprint(run) == store.manifest.get("fingerprint"):
         return store
     try:
         own = Path(json.loads((run / "data.json").read_text())["store"])
@@ -56,7 +56,7 @@ def _own_store(run: Path, store: Store) -> Store | None:
 
 
 def own_validation(
-    predictor: Predictor, runs: list[Path], store: Store, tta: int
+    predictor: Predictor, runs: list[Path], store: Store | None, tta: int
 ) -> tuple[tuple[np.ndarray, np.ndarray] | None, str]:
     """(labels, probabilities) of the predictor on its own validation data, and what that is.
 

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import base64
-import html
-import json
-import math
 import time
 from pathlib import Path
 
 from histodetect.errors import HistodetectError
 from histodetect.files import write_atomic
+from histodetect.reports.markup import esc, img, interval, missing, num, read_json, table
+from histodetect.reports.scope import section_scope
 
 REPORT_FILE = "report.html"
 EXPLAIN_DIR = "explain"
@@ -70,68 +68,6 @@ footer{margin-top:2.5em;color:#666;font-size:.85em}
 """
 
 
-def _esc(value: object) -> str:
-    return html.escape(str(value), quote=True)
-
-
-def _read_json(path: Path) -> dict | None:
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
-
-
-def _num(value: object, digits: int = 4) -> str:
-    """A number for a table cell: ints with separators, floats rounded, NaN as n/a."""
-    if isinstance(value, bool) or value is None:
-        return "n/a" if value is None else str(value)
-    if isinstance(value, int):
-        return f"{value:,}"
-    if isinstance(value, float):
-        return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
-    return str(value)
-
-
-def _interval(pair: object, digits: int = 4) -> str:
-    if not isinstance(pair, list | tuple) or len(pair) != 2:
-        return "n/a"
-    if all(_num(v) == "n/a" for v in pair):
-        return "n/a"
-    return f"{_num(pair[0], digits)}–{_num(pair[1], digits)}"
-
-
-def _img(path: Path, alt: str, caption: str | None = None) -> str:
-    """A figure with the PNG embedded as a data URI (or a note when the file is missing)."""
-    if not path.exists():
-        return f'<p class="missing">{_esc(path.name)} is missing.</p>'
-    data = base64.b64encode(path.read_bytes()).decode("ascii")
-    cap = f"<figcaption>{_esc(caption)}</figcaption>" if caption else ""
-    return f'<figure><img alt="{_esc(alt)}" src="data:image/png;base64,{data}">{cap}</figure>'
-
-
-def _table(header: list[str], rows: list[list[str]], left: int = 1, last_left: bool = False) -> str:
-    """An HTML table of already-escaped cells.
-
-    The first ``left`` columns (and the last one with ``last_left``) are left-aligned text;
-    the others are right-aligned numbers.
-    """
-
-    def cells(tag: str, row: list[str]) -> str:
-        return "".join(
-            f'<{tag} class="l">{c}</{tag}>'
-            if i < left or (last_left and i == len(row) - 1)
-            else f"<{tag}>{c}</{tag}>"
-            for i, c in enumerate(row)
-        )
-
-    body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
-    return f"<table><tr>{cells('th', header)}</tr>{body}</table>"
-
-
-def _missing(text: str) -> str:
-    return f'<p class="missing">{_esc(text)}</p>'
-
-
 def _section_header(run: Path, model: dict, synthetic: bool, evals: dict[str, dict]) -> list[str]:
     arch = model.get("arch", "?")
     crop = model.get("crop", 96)
@@ -142,10 +78,10 @@ def _section_header(run: Path, model: dict, synthetic: bool, evals: dict[str, di
     if model.get("temperature") not in (None, 1.0):
         sub += f"; probabilities calibrated with temperature {float(model['temperature']):.3f}"
     parts = [
-        f"<h1>Tumour detection report: {_esc(run.name)}</h1>",
-        f'<p class="sub">{_esc(sub)}. Run folder <code>{_esc(run.resolve())}</code>, report '
-        f"written {_esc(time.strftime('%Y-%m-%d %H:%M'))} by histodetect "
-        f"{_esc(model.get('histodetect', '?'))}.</p>",
+        f"<h1>Tumour detection report: {esc(run.name)}</h1>",
+        f'<p class="sub">{esc(sub)}. Run folder <code>{esc(run.resolve())}</code>, report '
+        f"written {esc(time.strftime('%Y-%m-%d %H:%M'))} by histodetect "
+        f"{esc(model.get('histodetect', '?'))}.</p>",
     ]
     if synthetic:
         parts.append(
@@ -162,14 +98,14 @@ def _section_header(run: Path, model: dict, synthetic: bool, evals: dict[str, di
     parts.append(
         '<nav><a href="#glance">At a glance</a><a href="#data">Data</a>'
         '<a href="#training">Training</a><a href="#evaluation">Evaluation</a>'
-        '<a href="#explain">Explanations</a><a href="#config">Configuration</a>'
-        '<a href="#versions">Versions</a></nav>'
+        '<a href="#scope">Out of scope</a><a href="#explain">Explanations</a>'
+        '<a href="#config">Configuration</a><a href="#versions">Versions</a></nav>'
     )
     own = {s: e for s, e in evals.items() if not _is_external(e)}
     split, ev = next(iter((own or evals).items()), (None, None))
     parts.append('<h2 id="glance">At a glance</h2>')
     if ev is None:
-        parts.append(_missing("Not evaluated yet: no metrics_<split>.json in the run folder."))
+        parts.append(missing("Not evaluated yet: no metrics_<split>.json in the run folder."))
         return parts
     m, ci = ev.get("metrics", {}), ev.get("intervals", {})
     cards = [
@@ -181,14 +117,14 @@ def _section_header(run: Path, model: dict, synthetic: bool, evals: dict[str, di
     parts.append('<div class="cards">')
     for key, label in cards:
         parts.append(
-            f'<div class="card"><div class="k">{_esc(label)} ({_esc(_column(split, ev))})</div>'
-            f'<div class="v">{_esc(_num(m.get(key)))}</div>'
-            f'<div class="ci">95% CI {_esc(_interval(ci.get(key)))}</div></div>'
+            f'<div class="card"><div class="k">{esc(label)} ({esc(_column(split, ev))})</div>'
+            f'<div class="v">{esc(num(m.get(key)))}</div>'
+            f'<div class="ci">95% CI {esc(interval(ci.get(key)))}</div></div>'
         )
     parts.append("</div>")
     parts.append(
         f"<p>On {_scored(split, ev)}, at threshold "
-        f"{_esc(_num(ev.get('thresholds', {}).get('run'), 3))}"
+        f"{esc(num(ev.get('thresholds', {}).get('run'), 3))}"
         f"{' (' + SYNTHETIC_BANNER + ')' if ev.get('synthetic') else ''}.</p>"
     )
     return parts
@@ -208,11 +144,11 @@ def _column(split: str, ev: dict) -> str:
 def _scored(split: str, ev: dict) -> str:
     """HTML naming what an evaluation scored: how many patches, which split, which folder."""
     data = ev.get("data") or {}
-    n = _esc(_num(ev.get("n")))
+    n = esc(num(ev.get("n")))
     if not data.get("path"):
         # Evaluations written before evaluate recorded its data: say so rather than guess.
         return (
-            f"{n} {_esc(split)} patches (which data was not recorded: re-run histodetect "
+            f"{n} {esc(split)} patches (which data was not recorded: re-run histodetect "
             "evaluate to name it)"
         )
     which = "every labelled patch" if split == "all" else f"the {split} split (as the run saw it)"
@@ -222,15 +158,13 @@ def _scored(split: str, ev: dict) -> str:
         if _is_external(ev)
         else "the run's own data"
     )
-    return (
-        f"{n} patches, {_esc(which)} of {_esc(kind)} at <code>{_esc(data['path'])}</code> ({whose})"
-    )
+    return f"{n} patches, {esc(which)} of {esc(kind)} at <code>{esc(data['path'])}</code> ({whose})"
 
 
 def _section_data(data: dict | None, evals: dict[str, dict]) -> list[str]:
     parts = ['<h2 id="data">Data</h2>']
     external = [
-        f"<li>{_esc(_column(split, ev))}: {_scored(split, ev)}</li>"
+        f"<li>{esc(_column(split, ev))}: {_scored(split, ev)}</li>"
         for split, ev in evals.items()
         if _is_external(ev)
     ]
@@ -240,14 +174,14 @@ def _section_data(data: dict | None, evals: dict[str, dict]) -> list[str]:
             f"<ul>{''.join(external)}</ul>",
         ]
     if data is None:
-        return [*parts, _missing("data.json is missing from the run folder."), *external]
+        return [*parts, missing("data.json is missing from the run folder."), *external]
     source = data.get("source", {})
     parts.append(
         "<p>The data the run was trained and validated on. "
-        f"Source: {_esc(source.get('kind', '?'))} data at "
-        f"<code>{_esc(source.get('path', '?'))}</code>, packed into "
-        f"<code>{_esc(data.get('store', '?'))}</code>. Fingerprint "
-        f"<code>{_esc(str(data.get('fingerprint', '?'))[:16])}</code>"
+        f"Source: {esc(source.get('kind', '?'))} data at "
+        f"<code>{esc(source.get('path', '?'))}</code>, packed into "
+        f"<code>{esc(data.get('store', '?'))}</code>. Fingerprint "
+        f"<code>{esc(str(data.get('fingerprint', '?'))[:16])}</code>"
         f"{' - ' + SYNTHETIC_BANNER if data.get('synthetic') else ''}.</p>"
     )
     counts = data.get("counts", {})
@@ -259,11 +193,9 @@ def _section_data(data: dict | None, evals: dict[str, dict]) -> list[str]:
         totals["1"] += tumour
         total = normal + tumour + other
         share = f"{tumour / (normal + tumour):.1%}" if normal + tumour else "n/a"
-        rows.append(
-            [_esc(split), _num(normal), _num(tumour), _num(other), _num(total), _esc(share)]
-        )
+        rows.append([esc(split), num(normal), num(tumour), num(other), num(total), esc(share)])
     header = ["split", "normal (0)", "tumour (1)", "unlabelled", "total", "tumour share"]
-    parts.append(_table(header, rows))
+    parts.append(table(header, rows))
     return [*parts, *external]
 
 
@@ -272,22 +204,22 @@ def _section_training(run: Path, training: dict | None, config: dict | None) -> 
     if training:
         valid = training.get("valid", {})
         rows = [
-            ["validation ROC AUC (best checkpoint)", _num(valid.get("auc"))],
-            ["validation accuracy at 0.5", _num(valid.get("accuracy"))],
-            ["validation patches", _num(valid.get("n"))],
-            ["epochs run", _num(training.get("epochs_run"))],
-            ["optimiser steps", _num(training.get("optimizer_steps"))],
-            ["training time (s)", _num(training.get("seconds"), 0)],
-            ["training speed (patches/s)", _num(training.get("train_images_per_s"), 0)],
-            ["resumed after an interruption", _esc(training.get("resumed", "?"))],
+            ["validation ROC AUC (best checkpoint)", num(valid.get("auc"))],
+            ["validation accuracy at 0.5", num(valid.get("accuracy"))],
+            ["validation patches", num(valid.get("n"))],
+            ["epochs run", num(training.get("epochs_run"))],
+            ["optimiser steps", num(training.get("optimizer_steps"))],
+            ["training time (s)", num(training.get("seconds"), 0)],
+            ["training speed (patches/s)", num(training.get("train_images_per_s"), 0)],
+            ["resumed after an interruption", esc(training.get("resumed", "?"))],
         ]
-        parts.append(_table(["", "value"], rows))
+        parts.append(table(["", "value"], rows))
     else:
-        parts.append(_missing("metrics.json is missing: the run may not have finished."))
+        parts.append(missing("metrics.json is missing: the run may not have finished."))
     if config:
-        parts.append(f"<p>{_esc(_config_summary(config))}</p>")
+        parts.append(f"<p>{esc(_config_summary(config))}</p>")
     parts.append(
-        _img(
+        img(
             run / "curves.png",
             "training curves",
             "Loss, accuracy and ROC AUC per epoch on the training and validation splits, and "
@@ -301,28 +233,28 @@ def _section_training(run: Path, training: dict | None, config: dict | None) -> 
 def _section_cross_validation(run: Path, model: dict) -> list[str]:
     """An ensemble's members and, after ``cv``, each fold's AUC, OOF AUC and the holdout."""
     parts = ['<h2 id="training">Cross-validation ensemble</h2>']
-    members = ", ".join(_esc(m) for m in model.get("members", []))
+    members = ", ".join(esc(m) for m in model.get("members", []))
     parts.append(f"<p>The mean probability of {len(model.get('members', []))} runs: {members}.</p>")
-    cv = _read_json(run.parent / "cv_metrics.json")
+    cv = read_json(run.parent / "cv_metrics.json")
     if not cv:
-        return [*parts, _missing("cv_metrics.json is missing beside the ensemble folder.")]
+        return [*parts, missing("cv_metrics.json is missing beside the ensemble folder.")]
     rows = [
-        [f"fold {f['fold']}", _num(f["auc"]), _num(f["n_valid"]), _num(f["optimizer_steps"])]
+        [f"fold {f['fold']}", num(f["auc"]), num(f["n_valid"]), num(f["optimizer_steps"])]
         for f in cv["folds"]
     ]
-    parts.append(_table(["", "out-of-fold ROC AUC", "patches", "optimiser steps"], rows))
+    parts.append(table(["", "out-of-fold ROC AUC", "patches", "optimiser steps"], rows))
     parts.append(
-        f"<p>Folds {_esc(cv['grouping'])}. Fold AUC mean ± std {_num(cv['mean_auc'])} ± "
-        f"{_num(cv['std_auc'])}; all out-of-fold predictions together: ROC AUC "
-        f"{_num(cv['oof_auc'])} (95% CI {_interval(cv['oof_interval'])}).</p>"
+        f"<p>Folds {esc(cv['grouping'])}. Fold AUC mean ± std {num(cv['mean_auc'])} ± "
+        f"{num(cv['std_auc'])}; all out-of-fold predictions together: ROC AUC "
+        f"{num(cv['oof_auc'])} (95% CI {interval(cv['oof_interval'])}).</p>"
     )
     rows = [
-        [f"TTA x{h['tta']}", _num(h["ensemble"]), _num(max(h["folds"].values())), _num(h["n"])]
+        [f"TTA x{h['tta']}", num(h["ensemble"]), num(max(h["folds"].values())), num(h["n"])]
         for h in cv.get("holdout", [])
     ]
     if rows:
         header = ["held out of every fold", "ensemble ROC AUC", "best single fold", "patches"]
-        parts.append(_table(header, rows))
+        parts.append(table(header, rows))
     return parts
 
 
@@ -346,7 +278,7 @@ def _section_evaluation(run: Path, evals: dict[str, dict]) -> list[str]:
     if not evals:
         return [
             *parts,
-            _missing(
+            missing(
                 f"No evaluation yet. Run: histodetect evaluate {run} --data DATA "
                 "(or histodetect report RUN --data DATA, which evaluates first)."
             ),
@@ -361,7 +293,7 @@ def _section_evaluation(run: Path, evals: dict[str, dict]) -> list[str]:
         parts.append("<h3>On the run's own data</h3>")
         parts.append(
             "<ul>"
-            + "".join(f"<li>{_esc(s)}: {_scored(s, e)}</li>" for s, e in own.items())
+            + "".join(f"<li>{esc(s)}: {_scored(s, e)}</li>" for s, e in own.items())
             + "</ul>"
         )
         parts.append(_metrics_table(own))
@@ -370,10 +302,10 @@ def _section_evaluation(run: Path, evals: dict[str, dict]) -> list[str]:
     for split, ev in evals.items():
         if split in own:
             continue
-        parts.append(f"<h3>External data: {_esc(_column(split, ev))}</h3>")
+        parts.append(f"<h3>External data: {esc(_column(split, ev))}</h3>")
         parts.append(
             f"<p>On {_scored(split, ev)}. The run's threshold is used as it is; other "
-            f"thresholds and the temperature were chosen on {_esc(ev.get('thresholds_from'))}."
+            f"thresholds and the temperature were chosen on {esc(ev.get('thresholds_from'))}."
             "</p>"
         )
         parts.append(_metrics_table({split: ev}))
@@ -389,33 +321,33 @@ def _metrics_table(evals: dict[str, dict]) -> str:
         ev = evals[split]
         tag = " SYNTHETIC" if ev.get("synthetic") else ""
         header += [
-            f"{_esc(_column(split, ev))} (n={_num(ev.get('n'))}{tag})",
+            f"{esc(_column(split, ev))} (n={num(ev.get('n'))}{tag})",
             "95% CI",
         ]
     header.append("meaning")
     rows = []
     for key, label, meaning in METRIC_ROWS:
-        row = [_esc(label)]
+        row = [esc(label)]
         for split in splits:
             ev = evals[split]
             row += [
-                _esc(_num(ev.get("metrics", {}).get(key))),
-                _esc(_interval(ev.get("intervals", {}).get(key))),
+                esc(num(ev.get("metrics", {}).get(key))),
+                esc(interval(ev.get("intervals", {}).get(key))),
             ]
-        rows.append([*row, f'<span class="dim">{_esc(meaning)}</span>'])
+        rows.append([*row, f'<span class="dim">{esc(meaning)}</span>'])
     ece_row = ["Expected calibration error"]
     for split in splits:
-        ece_row += [_esc(_num(evals[split].get("ece"))), ""]
+        ece_row += [esc(num(evals[split].get("ece"))), ""]
     rows.append([*ece_row, '<span class="dim">gap between probability and frequency</span>'])
-    return _table(header, rows, last_left=True)
+    return table(header, rows, last_left=True)
 
 
 def _split_details(run: Path, split: str, ev: dict) -> list[str]:
     """One split: its thresholds table, calibrating temperature and evaluation figure."""
-    parts = [f"<h4>{_esc(_column(split, ev))}: thresholds and figures</h4>"]
-    table = _thresholds_table(ev)
-    if table:
-        parts.append(table)
+    parts = [f"<h4>{esc(_column(split, ev))}: thresholds and figures</h4>"]
+    thresholds = _thresholds_table(ev)
+    if thresholds:
+        parts.append(thresholds)
         parts.append(
             '<p class="sub">Alternative thresholds are chosen on the validation split: '
             "Youden's J maximises sensitivity + specificity; the sensitivity threshold is "
@@ -424,11 +356,11 @@ def _split_details(run: Path, split: str, ev: dict) -> list[str]:
     temp = ev.get("temperature")
     if temp is not None:
         parts.append(
-            f"<p>Temperature that would calibrate the probabilities: {_esc(_num(temp, 3))} "
+            f"<p>Temperature that would calibrate the probabilities: {esc(num(temp, 3))} "
             "(stored only when evaluated with --calibrate).</p>"
         )
     parts.append(
-        _img(
+        img(
             run / f"evaluation_{split}.png",
             f"evaluation on {split}",
             "ROC curve, precision-recall curve, reliability diagram (calibration) and "
@@ -450,19 +382,19 @@ def _thresholds_table(ev: dict) -> str | None:
         spec = f"{tn / (tn + fp):.3f}" if tn + fp else "n/a"
         rows.append(
             [
-                _esc(_threshold_name(name)),
-                _esc(_num(value, 3)),
-                _num(tp),
-                _num(fn),
-                _num(tn),
-                _num(fp),
+                esc(_threshold_name(name)),
+                esc(num(value, 3)),
+                num(tp),
+                num(fn),
+                num(tn),
+                num(fp),
                 sens,
                 spec,
             ]
         )
     if not rows:
         return None
-    return _table(
+    return table(
         [
             "threshold",
             "value",
@@ -493,16 +425,16 @@ def _section_explain(run: Path, explain: dict | None) -> list[str]:
     if explain is None:
         return [
             *parts,
-            _missing(
+            missing(
                 f"No explanations yet. Run: histodetect explain {run} --data DATA --out "
                 f"{folder} (or histodetect report RUN --data DATA)."
             ),
         ]
     split = explain.get("split", "?")
     parts.append(
-        f"<p>{_esc(_num(explain.get('misclassified')))} of {_esc(_num(explain.get('n_patches')))} "
-        f"{_esc(split)} patches are misclassified at threshold "
-        f"{_esc(_num(explain.get('threshold'), 2))}"
+        f"<p>{esc(num(explain.get('misclassified')))} of {esc(num(explain.get('n_patches')))} "
+        f"{esc(split)} patches are misclassified at threshold "
+        f"{esc(num(explain.get('threshold'), 2))}"
         f"{' (' + SYNTHETIC_BANNER + ')' if explain.get('synthetic') else ''}. Each patch is "
         "shown beside its Grad-CAM map: regions that pushed the model towards "
         "<i>tumour</i> (red strongest), computed on the last convolutional feature maps and "
@@ -511,7 +443,7 @@ def _section_explain(run: Path, explain: dict | None) -> list[str]:
     )
     parts.append("<h3>Top losses (most confident mistakes)</h3>")
     parts.append(
-        _img(
+        img(
             folder / "top_losses.png",
             "top losses",
             "Highest binary cross-entropy first; titles in red are misclassified.",
@@ -519,18 +451,18 @@ def _section_explain(run: Path, explain: dict | None) -> list[str]:
     )
     rows = [
         [
-            f"<code>{_esc(e.get('id'))}</code>",
-            _esc(e.get("label")),
-            _esc(_num(e.get("probability"), 3)),
-            _esc(_num(e.get("loss"), 3)),
+            f"<code>{esc(e.get('id'))}</code>",
+            esc(e.get("label")),
+            esc(num(e.get("probability"), 3)),
+            esc(num(e.get("loss"), 3)),
             "wrong" if e.get("predicted") != e.get("label") else "right",
         ]
         for e in explain.get("top_losses", [])
     ]
     if rows:
-        parts.append(_table(["patch id", "true label", "P(tumour)", "loss", "verdict"], rows))
+        parts.append(table(["patch id", "true label", "P(tumour)", "loss", "verdict"], rows))
     parts.append("<h3>Most uncertain (probability closest to the threshold)</h3>")
-    parts.append(_img(folder / "uncertain.png", "most uncertain patches"))
+    parts.append(img(folder / "uncertain.png", "most uncertain patches"))
     return parts
 
 
@@ -538,23 +470,23 @@ def _section_config(run: Path) -> list[str]:
     parts = ['<h2 id="config">Configuration</h2>']
     path = run / "config.yaml"
     if not path.exists():
-        return [*parts, _missing("config.yaml is missing from the run folder.")]
+        return [*parts, missing("config.yaml is missing from the run folder.")]
     return [
         *parts,
         "<p>config.yaml of the run (everything training depended on):</p>",
-        f'<pre class="cfg">{_esc(path.read_text(encoding="utf-8"))}</pre>',
+        f'<pre class="cfg">{esc(path.read_text(encoding="utf-8"))}</pre>',
     ]
 
 
 def _section_versions(environment: dict | None) -> list[str]:
     parts = ['<h2 id="versions">Software and hardware</h2>']
     if environment is None:
-        return [*parts, _missing("environment.json is missing from the run folder.")]
+        return [*parts, missing("environment.json is missing from the run folder.")]
     rows = [
-        [_esc(k), _esc(", ".join(map(str, v)) if isinstance(v, list) else v) or "none"]
+        [esc(k), esc(", ".join(map(str, v)) if isinstance(v, list) else v) or "none"]
         for k, v in environment.items()
     ]
-    return [*parts, _table(["", "version"], rows, left=2)]
+    return [*parts, table(["", "version"], rows, left=2)]
 
 
 def _eval_splits(run: Path) -> dict[str, dict]:
@@ -563,7 +495,7 @@ def _eval_splits(run: Path) -> dict[str, dict]:
     order = sorted(found, key=lambda s: ({"valid": 0, "test": 1}.get(s, 2), s))
     out = {}
     for split in order:
-        ev = _read_json(found[split])
+        ev = read_json(found[split])
         if ev is not None:
             out[split] = ev
     return out
@@ -574,10 +506,10 @@ def render_report(run: str | Path) -> str:
     import yaml
 
     run = Path(run)
-    model = _read_json(run / "model.json") or {}
-    data = _read_json(run / "data.json")
+    model = read_json(run / "model.json") or {}
+    data = read_json(run / "data.json")
     evals = _eval_splits(run)
-    explain = _read_json(run / EXPLAIN_DIR / "explain.json")
+    explain = read_json(run / EXPLAIN_DIR / "explain.json")
     config = None
     if (run / "config.yaml").exists():
         config = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8"))
@@ -592,7 +524,7 @@ def render_report(run: str | Path) -> str:
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{_esc(title)}</title>",
+        f"<title>{esc(title)}</title>",
         f"<style>{CSS}</style>",
         "</head><body><main>",
         *_section_header(run, model, synthetic, evals),
@@ -600,12 +532,13 @@ def render_report(run: str | Path) -> str:
         *(
             _section_cross_validation(run, model)
             if "members" in model
-            else _section_training(run, _read_json(run / "metrics.json"), config)
+            else _section_training(run, read_json(run / "metrics.json"), config)
         ),
         *_section_evaluation(run, evals),
+        *section_scope(evals),
         *_section_explain(run, explain),
         *_section_config(run),
-        *_section_versions(_read_json(run / "environment.json")),
+        *_section_versions(read_json(run / "environment.json")),
         "<footer>Generated by histodetect from the files of the run folder; this page is "
         "self-contained (images embedded) and works offline.</footer>",
         "</main></body></html>",

@@ -15,6 +15,7 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from fastapi import FastAPI
 
 from histodetect import PATCH_SIZE, __version__
@@ -76,6 +77,7 @@ def model_description(run: Path, predictor: Predictor) -> dict:
         "input_size": int(meta.get("input_size", PATCH_SIZE)),
         "crop": predictor.crop,
         "threshold": predictor.threshold,
+        "scope_threshold": predictor.scope_threshold,
         "temperature": predictor.temperature,
         "synthetic": synthetic,
         "data": data,
@@ -185,11 +187,17 @@ def _build_service(
     info = model_description(run, predictor)
     service = Service(predictor, info, api_key or None, limits, tta, region_stride)
     service.batcher = MicroBatcher(
-        partial(predictor.predict_proba, tta=tta),
+        partial(patch_answers, predictor, tta=tta),
         service.on_model_thread,
         max_wait_s=batch_wait_ms / 1000,
     )
     return service
+
+
+def patch_answers(predictor: Predictor, images: np.ndarray, tta: int = 1) -> np.ndarray:
+    """The batcher's job: (N, 2) rows of P(tumour) and out-of-scope score (NaN: no statistics)."""
+    probs, scores = predictor.predict_and_score(images, tta)
+    return np.stack([probs, np.full(len(probs), np.nan) if scores is None else scores], 1)
 
 
 def _lifespan(service: Service):

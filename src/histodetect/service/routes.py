@@ -84,7 +84,7 @@ def _add_status_routes(app: FastAPI, service: Service, guarded: list[params.Depe
 
 def _add_predict_route(app: FastAPI, service: Service, guarded: list[params.Depends]) -> None:
     tta, limits = service.tta, service.limits
-    threshold = service.predictor.threshold
+    threshold, scope_threshold = service.predictor.threshold, service.predictor.scope_threshold
 
     @app.post("/v1/predict", response_model=PredictResponse, responses=ERRORS, dependencies=guarded)
     async def predict(
@@ -107,7 +107,8 @@ def _add_predict_route(app: FastAPI, service: Service, guarded: list[params.Depe
         patches, bad = await run_in_threadpool(decode_patch_uploads, uploads, limits.max_patch_side)
         if bad:
             return upload_error_response(bad)
-        probs = await service.batcher.submit(np.stack([p.image for p in patches]))
+        answers = await service.batcher.submit(np.stack([p.image for p in patches]))
+        probs, scores = answers[:, 0], answers[:, 1]
         images = (
             await run_in_threadpool(lambda: [_b64(png_bytes(p.image)) for p in patches])
             if include_image
@@ -122,12 +123,26 @@ def _add_predict_route(app: FastAPI, service: Service, guarded: list[params.Depe
                 height=p.height,
                 cropped=p.cropped,
                 image_png=image,
+                **_scope_fields(score, scope_threshold),
             )
-            for p, prob, image in zip(patches, probs, images, strict=True)
+            for p, prob, score, image in zip(patches, probs, scores, images, strict=True)
         ]
+        flagged = [r.in_scope is False for r in results]
         return PredictResponse(
-            model_id=service.model_id, threshold=threshold, tta=tta, results=results
+            model_id=service.model_id,
+            threshold=threshold,
+            tta=tta,
+            scope_threshold=scope_threshold,
+            out_of_scope=None if scope_threshold is None else sum(flagged),
+            results=results,
         )
+
+
+def _scope_fields(score: float, threshold: float | None) -> dict:
+    """A patch's ``scope_score`` and ``in_scope`` (both None when the run has no statistics)."""
+    if threshold is None or np.isnan(score):
+        return {"scope_score": None, "in_scope": None}
+    return {"scope_score": float(score), "in_scope": bool(score <= threshold)}
 
 
 def _add_explain_route(app: FastAPI, service: Service, guarded: list[params.Depends]) -> None:
@@ -141,7 +156,7 @@ def _add_explain_route(app: FastAPI, service: Service, guarded: list[params.Depe
             200: {
                 "content": {"image/png": {"schema": {"type": "string", "format": "binary"}}},
                 "description": "the patch with its Grad-CAM heat map and the centre box; "
-                "headers X-Probability, X-Label, X-Model-Id",
+                "headers X-Probability, X-Label, X-In-Scope (yes, no or unknown), X-Model-Id",
             },
             **ERRORS,
         },
@@ -164,7 +179,8 @@ def _add_explain_route(app: FastAPI, service: Service, guarded: list[params.Depe
         if bad:
             return upload_error_response(bad)
         image = patches[0].image[None]
-        prob = float((await service.batcher.submit(image))[0])
+        prob, score = (await service.batcher.submit(image))[0]
+        in_scope = _scope_fields(score, predictor.scope_threshold)["in_scope"]
         heat = await service.on_model_thread(gradcam, predictor, image)
         png = await run_in_threadpool(lambda: png_bytes(overlay(image[0], heat[0])))
         return Response(
@@ -173,6 +189,7 @@ def _add_explain_route(app: FastAPI, service: Service, guarded: list[params.Depe
             headers={
                 "X-Probability": f"{prob:.9g}",
                 "X-Label": str(int(prob >= threshold)),
+                "X-In-Scope": {True: "yes", False: "no", None: "unknown"}[in_scope],
                 "X-Model-Id": service.model_id,
             },
         )
@@ -240,6 +257,7 @@ def _add_region_route(app: FastAPI, service: Service, guarded: list[params.Depen
             threshold=float(getattr(region_map, "threshold", threshold)),
             tissue_fraction=float(tissue.mean()) if tissue.size else 0.0,
             max_probability=float(prob[tissue].max()) if tissue.any() else 0.0,
+            out_of_scope_share=region_map.out_of_scope_share,
             regions=[Region(**r) for r in region_map.regions],
             overlay_png=_b64(png),
         )

@@ -36,6 +36,10 @@ PNG/TIFF alpha channels are dropped.
 request (413), and a timeout per request (504). Uploads are kept in memory or the system temp
 area; no name from a request is ever used as a path.
 
+**Out of scope**: a run with scope statistics also scores how unlike its training patches each
+patch is (other tissue, stain or scanner). `in_scope: false` is a warning that the probability
+is not to be trusted, not a diagnosis; `null` means the run has no statistics.
+
 **API key**: when the service was started with one, every `/v1/` call needs the
 `{API_KEY_HEADER}` header (401 otherwise); `/`, `/healthz` and `/openapi.json` stay open.
 """
@@ -64,6 +68,12 @@ class PatchResult(BaseModel):
     width: int = Field(description="width of the uploaded image in px")
     height: int = Field(description="height of the uploaded image in px")
     cropped: bool = Field(description="true when a larger image was centre-cropped to 96x96")
+    scope_score: float | None = Field(
+        None, description="out-of-scope score (higher = less like the training data)"
+    )
+    in_scope: bool | None = Field(
+        None, description="false: unlike the training data, do not trust the probability"
+    )
     image_png: str | None = Field(
         None, description="base64 PNG of the 96x96 patch the model saw (include_image=true)"
     )
@@ -75,6 +85,10 @@ class PredictResponse(BaseModel):
     model_id: str
     threshold: float
     tta: int
+    scope_threshold: float | None = Field(
+        None, description="scores above it are out of scope; null: the run has no statistics"
+    )
+    out_of_scope: int | None = Field(None, description="how many patches are out of scope")
     results: list[PatchResult]
 
 
@@ -92,6 +106,12 @@ class Region(BaseModel):
     )
     longest_diameter_px: float | None = None
     longest_diameter_mm: float | None = Field(None, description="null when mpp is unknown")
+    out_of_scope_share: float | None = Field(
+        None, description="share of the region's cells out of scope; null: no statistics"
+    )
+    out_of_scope: bool = Field(
+        False, description="true when at least half of it is out of scope: not to be read as tumour"
+    )
 
 
 class RegionResponse(BaseModel):
@@ -105,6 +125,9 @@ class RegionResponse(BaseModel):
     threshold: float
     tissue_fraction: float = Field(description="share of stride cells holding tissue")
     max_probability: float
+    out_of_scope_share: float | None = Field(
+        None, description="share of tissue cells out of scope; null: no statistics"
+    )
     regions: list[Region]
     overlay_png: str = Field(description="base64 PNG: the region with the heat map overlaid")
 
@@ -128,6 +151,9 @@ class ModelInfo(BaseModel):
     input_size: int
     crop: int
     threshold: float
+    scope_threshold: float | None = Field(
+        None, description="out-of-scope scores above it are flagged; null: no statistics"
+    )
     temperature: float
     tta: int
     synthetic: bool = Field(description="true when trained on SYNTHETIC data")

@@ -137,8 +137,9 @@ def train(
     best_path = _load_best(module, best)
     export_model(module, run, {"synthetic": store.synthetic, "data": data_info["fingerprint"]})
     # Final numbers come from the same predictor every other command uses.
-    auc, acc = _validation_scores(run, store, valid_idx)
-    fit_run_scope(run, store, train_idx, valid_idx, cfg.seed)
+    predictor = Predictor.from_run(run)
+    auc, acc = _validation_scores(predictor, store, valid_idx)
+    fit_run_scope(run, store, train_idx, valid_idx, cfg.seed, predictor)
     result = _result(run, store, train_idx, valid_idx, speed, t0, auc, acc)
     _write_metrics(run, result, trainer, best_path, resume)
     write_curves(run, cfg.model.arch, store)
@@ -328,22 +329,28 @@ def _load_best(module: PatchModule, best: ModelCheckpoint) -> str:
 
 
 def fit_run_scope(
-    run: Path, store: Store, train_idx: np.ndarray, valid_idx: np.ndarray, seed: int = 0
+    run: Path,
+    store: Store,
+    train_idx: np.ndarray,
+    valid_idx: np.ndarray,
+    seed: int = 0,
+    predictor: Predictor | None = None,
 ) -> dict:
     """Fit and save the run's out-of-scope statistics on (a sample of) its training patches,
-    with the threshold set on its validation patches."""
+    with the threshold set on its validation patches (``predictor``: the run, if loaded)."""
     from histodetect.inference.scope import fit_scope, save_scope
 
     rows = np.sort(np.random.default_rng(seed).permutation(train_idx)[:SCOPE_FIT_PATCHES])
-    predictor = Predictor.from_run(run)
+    predictor = predictor or Predictor.from_run(run)
     stats = fit_scope(predictor, store.read(rows), store.labels[rows], store.read(valid_idx))
     save_scope(run, stats)
     return stats
 
 
-def _validation_scores(run: Path, store: Store, valid_idx: np.ndarray) -> tuple[float, float]:
+def _validation_scores(
+    predictor: Predictor, store: Store, valid_idx: np.ndarray
+) -> tuple[float, float]:
     """ROC AUC and accuracy of the run's exported model on the validation rows."""
-    predictor = Predictor.from_run(run)
     probs = predictor.predict_proba(store.read(valid_idx))
     labels = store.labels[valid_idx]
     from torchmetrics.functional.classification import binary_accuracy, binary_auroc

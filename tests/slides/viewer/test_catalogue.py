@@ -33,7 +33,8 @@ def test_lists_every_slide_of_several_folders_with_its_score_regions_and_tissue(
     assert row["name"] == "synthetic_00_tumour.tif"
     assert row["score"] == summary["score"] and row["n_regions"] == summary["n_regions"]
     assert row["tissue_area_mm2"] == summary["tissue_area_mm2"] > 0
-    assert row["synthetic"] and row["has_thumbnail"] and row["out_of_scope_share"] is None
+    assert row["synthetic"] and row["has_thumbnail"]
+    assert row["out_of_scope_share"] == summary["out_of_scope"].get("share")
     # A slide mapped later shows up without restarting; one whose summary is broken does not.
     shutil.copytree(maps / "synthetic_00_tumour", other / "later")
     (other / "broken").mkdir()

@@ -95,6 +95,19 @@ async function explainInto(file, img) {
   }
 }
 
+// An out-of-scope flag is a warning that the probability is not to be trusted (not a diagnosis).
+function scopeCell(inScope, score) {
+  if (inScope === null || inScope === undefined) return ["–", "scope"];
+  const text = inScope ? "yes" : "OUT OF SCOPE";
+  return [`${text} (${score.toFixed(1)})`, inScope ? "scope" : "scope scope-out"];
+}
+
+function scopeNote(body) {
+  if (body.scope_threshold === null) return "; out-of-scope scores unavailable for this run";
+  if (!body.out_of_scope) return "; all in scope";
+  return `; ${body.out_of_scope} OUT OF SCOPE (unlike the training data: do not trust them)`;
+}
+
 async function predictFiles(files) {
   files = Array.from(files);
   if (!files.length) return;
@@ -134,24 +147,21 @@ async function predictFiles(files) {
     cell(row).append(heat);
     cell(row, r.probability.toFixed(4), "num probability");
     cell(row, r.label ? "tumour" : "no tumour", `label label-${r.label}`);
+    row.dataset.inScope = String(r.in_scope);
+    cell(row, ...scopeCell(r.in_scope, r.scope_score));
     jobs.push(() => explainInto(files[i], heat));
   });
   $("patch-table").hidden = false;
-  setStatus(
-    "patch-status",
+  const summary =
     `${body.results.length} patch(es) at threshold ${body.threshold.toFixed(3)} ` +
-      `(model ${body.model_id}); computing heat maps…`,
-  );
+    `(model ${body.model_id})${scopeNote(body)}`;
+  setStatus("patch-status", `${summary}; computing heat maps…`);
   // A few Grad-CAM requests at a time, so a large drop does not flood the service.
   const workers = Array.from({ length: Math.min(EXPLAIN_PARALLEL, jobs.length) }, async () => {
     while (jobs.length) await jobs.shift()();
   });
   await Promise.all(workers);
-  setStatus(
-    "patch-status",
-    `${body.results.length} patch(es) at threshold ${body.threshold.toFixed(3)} ` +
-      `(model ${body.model_id})`,
-  );
+  setStatus("patch-status", summary);
   document.body.dataset.patches = "done";
 }
 
@@ -177,7 +187,10 @@ async function mapRegion(files) {
     `${body.file}: ${body.width}×${body.height} px, stride ${body.stride} px, ` +
     `${(100 * body.tissue_fraction).toFixed(0)} % tissue, highest P(tumour) ` +
     `${body.max_probability.toFixed(3)}, ${body.regions.length} region(s) at or above ` +
-    `${body.threshold.toFixed(3)}`;
+    `${body.threshold.toFixed(3)}` +
+    (body.out_of_scope_share === null
+      ? ""
+      : `; ${(100 * body.out_of_scope_share).toFixed(0)} % of the tissue OUT OF SCOPE (greyed)`);
   const tbody = $("region-table").tBodies[0];
   tbody.replaceChildren();
   for (const r of body.regions) {
@@ -187,6 +200,12 @@ async function mapRegion(files) {
     cell(row, r.area_mm2 === null ? "–" : r.area_mm2.toFixed(4), "num");
     cell(row, r.max_prob.toFixed(3), "num");
     cell(row, r.mean_prob.toFixed(3), "num");
+    const share = r.out_of_scope_share;
+    cell(
+      row,
+      share === null ? "–" : `${(100 * share).toFixed(0)} %${r.out_of_scope ? " (flagged)" : ""}`,
+      r.out_of_scope ? "num scope-out" : "num",
+    );
   }
   $("region-table").hidden = !body.regions.length;
   $("region-result").hidden = false;

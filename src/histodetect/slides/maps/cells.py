@@ -116,8 +116,10 @@ class _PatchBatches:
         if not self.pending:
             return
         patches = np.concatenate([p for _, _, p in self.pending])
-        out = self.predictor.predict_proba(patches, self.tta, self.batch_size)
-        scores = None if self.scope is None else self.predictor.scope_scores(patches)
+        if self.scope is None:
+            out, scores = self.predictor.predict_proba(patches, self.tta, self.batch_size), None
+        else:
+            out, scores = self.predictor.predict_and_score(patches, self.tta, self.batch_size)
         k = 0
         for rr, cc, p in self.pending:
             self.prob[rr, cc] = out[k : k + len(p)]

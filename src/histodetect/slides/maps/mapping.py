@@ -42,6 +42,8 @@ class RegionMap:
             cell corners in input-image pixels, clipped to the image.
         threshold: The probability at or above which cells form regions.
         mode: ``"dense"`` (one convolutional pass per tile) or ``"patch"`` (one per patch).
+        out_of_scope: (rows, cols) bool, cells whose patch is unlike the training data; None
+            without scope statistics or in dense mode (no per-patch features).
     """
 
     prob: np.ndarray
@@ -50,6 +52,14 @@ class RegionMap:
     regions: list[dict]
     threshold: float = 0.5
     mode: str = "patch"
+    out_of_scope: np.ndarray | None = None
+
+    @property
+    def out_of_scope_share(self) -> float | None:
+        """The share of tissue cells out of scope (None without scores)."""
+        if self.out_of_scope is None:
+            return None
+        return float((self.out_of_scope & self.tissue).sum() / max(self.tissue.sum(), 1))
 
 
 def map_image(
@@ -113,7 +123,14 @@ def overlay_png(image: np.ndarray, region_map: RegionMap) -> bytes:
     """
     image = np.asarray(image)
     rings = [[r["polygon"], *r.get("holes", [])] for r in region_map.regions]
-    picture = render_overlay(image, region_map.prob, region_map.tissue, region_map.stride, rings)
+    picture = render_overlay(
+        image,
+        region_map.prob,
+        region_map.tissue,
+        region_map.stride,
+        rings,
+        out_of_scope=region_map.out_of_scope,
+    )
     return png_bytes(picture)
 
 
@@ -127,9 +144,11 @@ class Analysis:
     thumb_px: float  # working px per thumbnail px
     stats: InferenceStats
     regions_level0: list[dict] = field(default_factory=list)
-    # Cells whose patch is out of scope; None without statistics or in dense mode, which has
-    # no per-patch features.
-    out_of_scope: np.ndarray | None = None
+
+    @property
+    def out_of_scope(self) -> np.ndarray | None:
+        """Cells whose patch is out of scope (None without statistics or in dense mode)."""
+        return self.region_map.out_of_scope
 
 
 def analyse(
@@ -167,7 +186,7 @@ def analyse(
     threshold = predictor.threshold if threshold is None else float(threshold)
     tissue, thumb, t = tissue_cells(reader, res, stride, min_tissue)
     scope = None
-    if predictor.scope is not None and mode == "patch":
+    if predictor.scope_threshold is not None and mode == "patch":
         scope = np.full(tissue.shape, np.nan, np.float32)
     prob, tissue, stats = predict_cells(
         working_reader(reader, res),
@@ -188,8 +207,8 @@ def analyse(
     # NaN (cells not analysed) compares as in scope.
     flagged = None if scope is None else scope > predictor.scope_threshold
     _scope_of_regions(shapes, flagged, regions)
-    region_map = RegionMap(prob, tissue, stride, regions, threshold, mode)
-    analysis = Analysis(region_map, res, thumb, t, stats, out_of_scope=flagged)
+    region_map = RegionMap(prob, tissue, stride, regions, threshold, mode, flagged)
+    analysis = Analysis(region_map, res, thumb, t, stats)
     if res.scale == 1.0:
         analysis.regions_level0 = regions
     else:

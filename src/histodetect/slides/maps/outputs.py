@@ -313,17 +313,15 @@ def out_of_scope(predictor: Predictor, analysis: Analysis) -> dict:
     if analysis.out_of_scope is None:
         why = (
             "the run has no scope statistics"
-            if predictor.scope is None
+            if predictor.scope_threshold is None
             else "dense mode has no per-patch features (use --mode patch)"
         )
         return {"unavailable": why}
     # Every analysed cell has a score in patch mode: the tissue cells are those analysed.
-    cells = analysis.region_map.tissue
-    flagged = cells & analysis.out_of_scope
-    share = float(flagged.sum() / max(cells.sum(), 1))
+    share = analysis.region_map.out_of_scope_share
     return {
         "threshold": predictor.scope_threshold,
-        "cells": int(cells.sum()),
+        "cells": int(analysis.region_map.tissue.sum()),
         "share": share,
         "mostly_out_of_scope": share > 0.5,
     }

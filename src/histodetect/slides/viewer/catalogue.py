@@ -30,8 +30,6 @@ OUTPUT_FILES = {
     "tissue.png": "image/png",
 }
 DETECTIONS_DIR = "detections"  # slide-eval's: MAPS/detections/<slide folder>.csv
-# Keys a summary may give the share of tissue out of the model's scope under (issue 19).
-OUT_OF_SCOPE_KEYS = ("out_of_scope_share", "out_of_scope_fraction")
 
 
 @dataclass
@@ -66,12 +64,11 @@ def _under(path: Path, root: Path) -> bool:
 
 
 def out_of_scope_share(summary: dict) -> float | None:
-    """The share of tissue out of the model's scope, once `slide` records it."""
-    for key in OUT_OF_SCOPE_KEYS:
-        if summary.get(key) is not None:
-            return float(summary[key])
-    cells, tissue = summary.get("out_of_scope_cells"), summary.get("tissue_cells")
-    return cells / tissue if cells is not None and tissue else None
+    """The share of tissue cells out of the model's scope, as `slide` records it (None: unknown,
+    e.g. a run without scope statistics or a dense map)."""
+    scope = summary.get("out_of_scope")
+    share = scope.get("share") if isinstance(scope, dict) else None
+    return None if share is None else float(share)
 
 
 class Catalogue:

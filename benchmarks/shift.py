@@ -9,7 +9,8 @@ another with all threads and the same time budget (issue 14's protocol):
   default   the default recipe;
   stain     --augment stain (H&E amounts +-40 %, colour casts, stronger colour jitter and blur);
   reinhard  --stain-norm reinhard;  macenko  --stain-norm macenko;
-  reinhard+stain  both --stain-norm reinhard and --augment stain.
+  reinhard+stain  both --stain-norm reinhard and --augment stain;
+  reinhard+robust  --stain-norm reinhard with more blur and JPEG (shift_robust.yaml).
 ``--run NAME=RUN`` evaluates an already trained run instead of training that arm. Every arm's
 held-out patches are then judged clean and under each shift below (fixed parameters, the same
 pixels for every arm), and the printout gives each AUC, its drop from clean, the worst drop, and
@@ -48,6 +49,12 @@ ARMS = {
     "reinhard": ("--stain-norm", "reinhard"),
     "macenko": ("--stain-norm", "macenko"),
     "reinhard+stain": ("--stain-norm", "reinhard", "--augment", "stain"),
+    "reinhard+robust": (
+        "--stain-norm",
+        "reinhard",
+        "--config",
+        str(Path(__file__).with_name("shift_robust.yaml")),
+    ),
 }
 
 # Ruifrok & Johnston optical-density vectors of haematoxylin, eosin and DAB (rows).

@@ -126,7 +126,9 @@ class RegionResponse(BaseModel):
     tissue_fraction: float = Field(description="share of stride cells holding tissue")
     max_probability: float
     out_of_scope_share: float | None = Field(
-        None, description="share of tissue cells out of scope; null: no statistics"
+        None,
+        description="share of tissue cells out of scope; null: no statistics, or a dense map "
+        "(no per-patch features)",
     )
     regions: list[Region]
     overlay_png: str = Field(description="base64 PNG: the region with the heat map overlaid")

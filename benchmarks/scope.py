@@ -22,15 +22,14 @@ from common import SAMPLE
 from sklearn.metrics import roc_auc_score
 
 from histodetect.data.loaders import labelled_split
-from histodetect.data.tiles import tile_patches
+from histodetect.data.tiles import TilePatches, tile_patches
 from histodetect.inference.predictor import Predictor
 
 
-def other_organ_patches(ood: Path) -> tuple[list[Path], list[str], np.ndarray]:
+def other_organ_patches(ood: Path) -> tuple[list[Path], TilePatches]:
     """The --ood tiles (about 0.5 um/px) resampled and cut into patches as `predict --mpp 0.5`."""
     files = sorted((ood / "tiles").iterdir())
-    ids, tiles, _ = tile_patches(files, 0.5)
-    return files, ids, tiles
+    return files, tile_patches(files, 0.5)
 
 
 def main() -> None:
@@ -43,18 +42,17 @@ def main() -> None:
     if predictor.scope_threshold is None:
         raise SystemExit(f"{args.run}: no scope.safetensors; run `histodetect scope` first")
     store, valid = labelled_split(args.run, args.data, "valid")
-    files, ids, tiles = other_organ_patches(args.ood)
+    files, cut = other_organ_patches(args.ood)
     inside = predictor.scope_scores(store.read(valid))
-    other = predictor.scope_scores(tiles)
-    probs = predictor.predict_proba(tiles)
+    probs, other = predictor.predict_and_score(cut.images)
     threshold = predictor.scope_threshold
     auroc = roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(other))], np.r_[inside, other])
     print(f"run {args.run} ({predictor.meta.get('arch')}), threshold {threshold:.3f}")
     print(f"validation patches (REAL, {len(inside)}): {np.mean(inside > threshold):.1%} flagged")
     verdicts = []
-    for f in files:
-        rows = [k for k, i in enumerate(ids) if i == f.stem or i.startswith(f.stem + "_")]
-        if not rows:
+    for t, f in enumerate(files):
+        rows = np.flatnonzero(cut.tiles == t)
+        if not len(rows):
             continue
         flagged = other[rows] > threshold
         verdicts.append(flagged.mean() > 0.5)

@@ -134,10 +134,11 @@ def train_arm(store_path: Path, run: Path, arm: str, minutes: float, seed: int) 
 def judge(run: Path, images: dict[str, np.ndarray], y: np.ndarray, other: np.ndarray) -> dict:
     """The run's AUC on the clean and every shifted copy, and its out-of-scope AUROC."""
     predictor = Predictor.from_run(run)
-    probs = {name: predictor.predict_proba(x) for name, x in images.items()}
+    probs = {name: predictor.predict_proba(x) for name, x in images.items() if name != "clean"}
+    probs["clean"], inside = predictor.predict_and_score(images["clean"])
     ood = float("nan")
-    if predictor.scope_threshold is not None:
-        inside, outside = predictor.scope_scores(images["clean"]), predictor.scope_scores(other)
+    if inside is not None:
+        outside = predictor.scope_scores(other)
         truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
         ood = float(roc_auc_score(truth, np.r_[inside, outside]))
     return {"probs": probs, "auc": {name: auc(p, y) for name, p in probs.items()}, "ood": ood}
@@ -180,7 +181,7 @@ def main() -> None:
         runs[arm] = work / f"run-{arm}"
         print(f"trained {arm} in {(time.perf_counter() - t0) / 60:.1f} min", flush=True)
 
-    other = other_organ_patches(args.ood)[2]
+    other = other_organ_patches(args.ood)[1].images
     results = {name: judge(run, images, y, other) for name, run in runs.items()}
     names = list(results)
     print(f"\n{'ROC AUC (drop from clean)':<28s}" + "".join(f"{n:>17s}" for n in names))

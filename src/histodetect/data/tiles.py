@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -44,13 +45,20 @@ def cut_patches(image: np.ndarray, stem: str) -> list[tuple[str, np.ndarray]]:
     return out
 
 
-def tile_patches(
-    files: list[Path], mpp: float, target_mpp: float = PCAM_MPP
-) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+class TilePatches(NamedTuple):
+    """Patches cut from tiles: their ids and pixels, the index of the tile (in the files given)
+    each came from, and the files that could not be used with why."""
+
+    ids: list[str]
+    images: np.ndarray
+    tiles: np.ndarray
+    problems: list[tuple[str, str]]
+
+
+def tile_patches(files: list[Path], mpp: float, target_mpp: float = PCAM_MPP) -> TilePatches:
     """Every tile file at ``mpp`` µm/px as patches at the model's resolution.
 
-    Tiles may differ in size: each gives as many patches as fit. Returns the patch ids, the
-    uint8 (N, 96, 96, 3) patches and the files that could not be used with why.
+    Tiles may differ in size: each gives as many patches as fit, in file order.
 
     Raises:
         HistodetectError: ``mpp`` is not a positive number.
@@ -59,8 +67,9 @@ def tile_patches(
         raise HistodetectError(f"--mpp must be a positive number of µm per pixel, got {mpp}.")
     ids: list[str] = []
     patches: list[np.ndarray] = []
+    tiles: list[int] = []
     problems: list[tuple[str, str]] = []
-    for path in files:
+    for k, path in enumerate(files):
         try:
             image = resample(decode_image(path), mpp, target_mpp)
             cut = cut_patches(image, path.stem)
@@ -69,5 +78,7 @@ def tile_patches(
             continue
         ids += [name for name, _ in cut]
         patches += [patch for _, patch in cut]
+        tiles += [k] * len(cut)
     empty = np.zeros((0, PATCH_SIZE, PATCH_SIZE, 3), np.uint8)
-    return ids, np.stack(patches) if patches else empty, problems
+    images = np.stack(patches) if patches else empty
+    return TilePatches(ids, images, np.asarray(tiles, np.int64), problems)

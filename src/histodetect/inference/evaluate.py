@@ -335,6 +335,19 @@ def _by_group(by, store, idx, data, groups_csv, y, p, ev: Evaluation) -> dict:
     return {"by": by, **group_metrics(y, p, groups, ev.thresholds["run"], point_metrics)}
 
 
+def runs_and_out(
+    runs: str | Path | list[str | Path], out: str | Path | None
+) -> tuple[list[Path], Path]:
+    """The run folders scored and the (created) results folder: the run's own for one run;
+    several runs, scored as an ensemble, need ``out``."""
+    runs = [Path(r) for r in (runs if isinstance(runs, list) else [runs])]
+    if out is None and len(runs) > 1:
+        raise HistodetectError("several runs are scored as an ensemble: pass --out FOLDER.")
+    out = Path(out) if out is not None else runs[0]
+    out.mkdir(parents=True, exist_ok=True)
+    return runs, out
+
+
 def evaluate(
     runs: str | Path | list[str | Path],
     data: str | Path,
@@ -371,13 +384,9 @@ def evaluate(
     from histodetect.inference.predictor import MODEL_META, Predictor
     from histodetect.inference.validation import own_validation, scored_data, training_overlap
 
-    runs = [Path(r) for r in (runs if isinstance(runs, list) else [runs])]
-    if out is None and len(runs) > 1:
-        raise HistodetectError("several runs are scored as an ensemble: pass --out FOLDER.")
+    runs, out = runs_and_out(runs, out)
     if calibrate and len(runs) > 1:
         raise HistodetectError("--calibrate stores a temperature in one run; pass one run.")
-    out = Path(out) if out is not None else runs[0]
-    out.mkdir(parents=True, exist_ok=True)
     predictor = Predictor.from_runs(runs, weights)
     store, idx = labelled_split(runs[0], data, split)
     images = store.read(idx)

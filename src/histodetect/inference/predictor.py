@@ -352,8 +352,8 @@ def list_patches(data: str | Path, split: str | None = None, mpp: float | None =
     if mpp is not None:
         from histodetect.data.tiles import tile_patches
 
-        ids, images, bad = tile_patches([files[i] for i in ids if i in files], mpp)
-        return PatchList(ids, images=images, problems=tuple(problems + bad))
+        cut = tile_patches([files[i] for i in ids if i in files], mpp)
+        return PatchList(cut.ids, images=cut.images, problems=tuple(problems + cut.problems))
     paths = [files.get(i, folder / f"{i}.tif") for i in ids]
     return PatchList(ids, files=paths, problems=tuple(problems))
 

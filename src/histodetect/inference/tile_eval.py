@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -12,6 +11,7 @@ from histodetect.errors import BadInputError, HistodetectError, describe_problem
 from histodetect.inference.evaluate import (
     Evaluation,
     evaluate_probabilities,
+    runs_and_out,
     save_evaluation,
     scope_metrics,
 )
@@ -42,26 +42,23 @@ def evaluate_tiles(
     from histodetect.inference.predictor import Predictor
     from histodetect.inference.validation import own_validation
 
-    runs = [Path(r) for r in (runs if isinstance(runs, list) else [runs])]
-    if out is None and len(runs) > 1:
-        raise HistodetectError("several runs are scored as an ensemble: pass --out FOLDER.")
-    out = Path(out) if out is not None else runs[0]
-    out.mkdir(parents=True, exist_ok=True)
+    runs, out = runs_and_out(runs, out)
     source = open_kaggle(Path(data))
     rows = np.flatnonzero(source.labels >= 0)
     if not len(rows):
         raise HistodetectError(f"{data}: no labelled tiles (train/ and train_labels.csv).")
-    stems = [str(source.ids[i]) for i in rows]
-    ids, images, problems = tile_patches([Path(source.files[i]) for i in rows], mpp)
-    if problems:
+    cut = tile_patches([Path(source.files[i]) for i in rows], mpp)
+    if cut.problems:
         raise BadInputError(
-            f"{len(problems)} tile(s) of {data} cannot be used:\n" + describe_problems(problems),
-            problems,
+            f"{len(cut.problems)} tile(s) of {data} cannot be used:\n"
+            + describe_problems(cut.problems),
+            cut.problems,
         )
-    tile_of = _tile_of(ids, stems)
     predictor = Predictor.from_runs(runs, weights)
-    patch_p, patch_scores = predictor.predict_and_score(images, tta=tta)
-    p = np.array([patch_p[tile_of == k].max() for k in range(len(stems))], np.float32)
+    patch_p, patch_scores = predictor.predict_and_score(cut.images, tta=tta)
+    # Every tile gave patches (else a problem above), in file order: one run of rows each.
+    starts = np.flatnonzero(np.diff(cut.tiles, prepend=-1))
+    p = np.maximum.reduceat(patch_p, starts)
     y = source.labels[rows].astype(np.int64)
     calibration, source_note = own_validation(predictor, runs, None, tta)
     ev = evaluate_probabilities(
@@ -76,31 +73,16 @@ def evaluate_tiles(
         thresholds_from=source_note,
         choose=False,
         notes=(
-            f"{len(stems)} tiles at {mpp} µm/px cut into {len(ids)} patches; a tile's "
+            f"{len(rows)} tiles at {mpp} µm/px cut into {len(cut.ids)} patches; a tile's "
             "probability is its highest patch's",
         ),
     )
     scores = None
     if patch_scores is not None:
-        scores = np.array([np.median(patch_scores[tile_of == k]) for k in range(len(stems))])
+        scores = np.array([np.median(part) for part in np.split(patch_scores, starts[1:])])
     data_note = {"path": str(Path(data).resolve()), "kind": "tiles", "mpp": mpp}
     ev = replace(ev, data={**data_note, "split": SPLIT, "n": len(y), "run_data": False})
     ev = replace(ev, scope=scope_metrics(predictor, scores, y, p))
     title = f"{out.name} on {Path(data).name}: {len(y)} tiles at {mpp} µm/px, TTA x{tta}"
     save_evaluation(ev, y, p, out, title)
     return ev
-
-
-def _tile_of(ids: list[str], stems: list[str]) -> np.ndarray:
-    """The tile index of every patch: ``tile_patches`` gives each tile's patches in file
-    order, named ``stem`` when it is one, else ``stem_ROW_COL``."""
-    out = np.empty(len(ids), np.int64)
-    j = 0
-    for k, stem in enumerate(stems):
-        grid = re.compile(re.escape(stem) + r"_\d+_\d+")
-        if j < len(ids) and ids[j] == stem:
-            out[j], j = k, j + 1
-            continue
-        while j < len(ids) and grid.fullmatch(ids[j]):
-            out[j], j = k, j + 1
-    return out

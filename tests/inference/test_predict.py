@@ -335,3 +335,32 @@ def test_predict_details_flag_out_of_scope_patches_and_old_runs_still_work(train
     proc = _cli("predict", str(old), "--data", str(folder), "--out", str(out))
     assert proc.returncode == 2 and SCOPE_FILE in proc.stderr and "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_scope_statistics_written_before_the_texture_sets_score_with_their_stages(
+    trained_run, tmp_path, monkeypatch
+):
+    import shutil
+
+    from histodetect.data import texture
+    from histodetect.inference.scope import TEXTURE, load_scope, save_scope
+    from tests.conftest import fake_patches
+
+    _, run = trained_run
+    images, _ = fake_patches(12, seed=5)
+    stats = load_scope(run)
+    assert all(f"means{name}" in stats for name in TEXTURE)  # new runs score texture too
+    # The layout of the first statistics: stage sets only, fitted on raw descriptors.
+    old = {
+        k: v
+        for k, v in stats.items()
+        if not k.startswith(("centre", "spread")) and not k.endswith(TEXTURE)
+    }
+    old_run = tmp_path / "old-run"
+    shutil.copytree(run, old_run)
+    save_scope(old_run, old)
+    monkeypatch.setattr(texture, "texture_descriptors", lambda _: pytest.fail("texture used"))
+    predictor = Predictor.from_run(old_run)
+    _, scores = predictor.predict_and_score(images)
+    assert np.isfinite(scores).all() and len(scores) == len(images)
+    assert np.allclose(scores, predictor.scope_scores(images), rtol=1e-5, atol=1e-5)

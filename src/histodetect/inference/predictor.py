@@ -163,7 +163,7 @@ class Predictor:
             for k in range(tta):
                 probs += torch.sigmoid(self.model(dihedral(x, k)).float())
                 if capture is not None and k == 0:  # the untransformed view, as fitted
-                    capture.collect()
+                    capture.collect(batch)
             out[start : start + len(batch)] = (probs / tta).cpu().numpy()
         if self.temperature != 1.0:  # calibrated by `evaluate --calibrate`
             from histodetect.inference.calibration import apply_temperature
@@ -182,9 +182,9 @@ class Predictor:
         """
         if self.scope is None:
             return self.predict_proba(images, tta, batch_size), self.scope_scores(images)
-        from histodetect.inference.scope import StageCapture, score_descriptors
+        from histodetect.inference.scope import StageCapture, score_descriptors, uses_texture
 
-        with StageCapture(self.model) as capture:
+        with StageCapture(self.model, uses_texture(self.scope)) as capture:
             probs = self._predict(images, tta, batch_size, capture)
         return probs, score_descriptors(capture.descriptors(), self.scope)
 

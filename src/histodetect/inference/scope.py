@@ -1,15 +1,20 @@
-"""Out-of-scope score: how unlike the run's training patches a patch is, in the model's features.
+"""Out-of-scope score: how unlike the run's training patches a patch is, in colour and texture.
 
-Each of the backbone's first stages gives a patch descriptor (per-channel mean and standard
-deviation of its feature maps: stain and texture statistics). Class-conditional Gaussians with
-one shared, shrunk (Ledoit-Wolf) covariance are fitted per stage on the training patches (Lee et
-al. 2018); a patch's stage score is its Mahalanobis distance to the nearer class, on a log scale
-standardised on the validation split; the score is their sum. The threshold is the validation
-split's ``quantile`` (95 % of in-distribution patches are in scope by construction).
+A patch is described by several descriptor sets: each of the backbone's first stages gives one
+(per-channel mean and standard deviation of its feature maps: stain and texture as the model
+sees them), and the patch's own pixels give two model-free ones (a uniform LBP histogram and
+GLCM properties: ``histodetect.data.texture``). Per set, the descriptors are standardised, and
+class-conditional Gaussians with one shared, shrunk (Ledoit-Wolf) covariance are fitted on the
+training patches (Lee et al. 2018); a patch's set score is its Mahalanobis distance to the
+nearer class, on a log scale standardised on the validation split; the score is their sum. The
+threshold is the validation split's ``quantile`` (95 % of in-distribution patches are in scope
+by construction).
 
-Why early stages: on the REAL sample (smallcnn run of the quality protocol), validation patches
-vs the resampled tiles of ``../shared/ood`` gave AUROC 0.59 on the pooled last-stage features
-(the usual choice), 0.79 / 0.87 / 0.75 on the stem and first two blocks alone, and 0.86 summed.
+Why these sets, measured on the REAL sample (validation patches vs the resampled tiles of
+``../shared/ood``; four runs of the shift protocol; benchmarks/results/scope.txt): the pooled
+last-stage features (the usual choice) gave AUROC 0.59, the first three stages summed 0.71-0.86,
+and with the LBP and GLCM sets 0.84-0.90, flagging 85-98 % of the real CMU-1 tissue instead of
+77-82 %. Statistics written before the texture sets keep scoring with their stages alone.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from histodetect.errors import HistodetectError
 
 SCOPE_FILE = "scope.safetensors"
 STAGES = 3  # the first stages: colour and texture, before the features specialise to tumour
+TEXTURE = ("lbp", "glcm")  # the model-free descriptor sets (histodetect.data.texture)
 
 
 def stage_modules(backbone: nn.Module) -> list[nn.Module]:
@@ -44,19 +50,21 @@ def stage_modules(backbone: nn.Module) -> list[nn.Module]:
 
 class StageCapture:
     """Hooks on a model's first backbone stages: after each forward pass, ``collect`` keeps the
-    patches' descriptors (per stage, channel means and standard deviations of the feature maps).
+    patches' descriptor sets (per stage, channel means and standard deviations of the feature
+    maps; with ``texture``, the LBP and GLCM sets of the uint8 patches too).
 
     Used as a context manager, so that the hooks never outlive the pass they serve.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, texture: bool = True) -> None:
         if not hasattr(model, "backbone"):
             raise HistodetectError(
                 "out-of-scope statistics are fitted per run; fit each member of the ensemble."
             )
         self.stages = stage_modules(model.backbone)
+        self.texture = texture
         self.seen: dict[int, torch.Tensor] = {}
-        self.parts: list[list[np.ndarray]] = [[] for _ in self.stages]
+        self.parts: dict[str, list[np.ndarray]] = {}
         self.hooks: list = []
 
     def __enter__(self) -> StageCapture:
@@ -70,25 +78,45 @@ class StageCapture:
         for h in self.hooks:
             h.remove()
 
-    def collect(self) -> None:
-        """Keep the descriptors of the last forward pass."""
+    def collect(self, batch: torch.Tensor) -> None:
+        """Keep the descriptors of the last forward pass, whose uint8 NHWC input was ``batch``."""
+        sets = {}
         for k in range(len(self.stages)):
             f = self.seen[k].float().flatten(2)
-            self.parts[k].append(torch.cat([f.mean(2), f.std(2)], 1).cpu().numpy())
+            sets[str(k)] = torch.cat([f.mean(2), f.std(2)], 1)
+        if self.texture:
+            from histodetect.data.texture import texture_descriptors
 
-    def descriptors(self) -> list[np.ndarray]:
-        """Per stage, (N, 2C) descriptors of every patch collected so far."""
-        return [np.concatenate(parts) for parts in self.parts]
+            sets |= texture_descriptors(batch)
+        for name, d in sets.items():
+            self.parts.setdefault(name, []).append(d.cpu().numpy())
+
+    def descriptors(self) -> dict[str, np.ndarray]:
+        """Per descriptor set (stage ``"0"``, ``"1"``...; ``"lbp"``, ``"glcm"``), an (N, D)
+        array for every patch collected so far."""
+        return {name: np.concatenate(parts) for name, parts in self.parts.items()}
+
+
+def uses_texture(stats: dict[str, np.ndarray]) -> bool:
+    """Whether the statistics score the texture sets (those written before them do not)."""
+    return f"means{TEXTURE[0]}" in stats
+
+
+def set_names(stats: dict[str, np.ndarray]) -> list[str]:
+    """The descriptor sets the statistics score."""
+    return sorted(k.removeprefix("means") for k in stats if k.startswith("means"))
 
 
 @torch.inference_mode()
-def descriptors(predictor, images: np.ndarray, batch_size: int = 256) -> list[np.ndarray]:
-    """Per stage, (N, 2C) channel means and standard deviations of the patches' feature maps."""
-    with StageCapture(predictor.model) as capture:
+def descriptors(
+    predictor, images: np.ndarray, texture: bool = True, batch_size: int = 256
+) -> dict[str, np.ndarray]:
+    """The patches' descriptor sets by name (see ``StageCapture.descriptors``)."""
+    with StageCapture(predictor.model, texture) as capture:
         for start in range(0, len(images), batch_size):
             batch = torch.as_tensor(images[start : start + batch_size]).to(predictor.device)
             predictor.model(predictor.prepare(batch))
-            capture.collect()
+            capture.collect(batch)
     return capture.descriptors()
 
 
@@ -105,7 +133,8 @@ def fit_scope(
     valid_images: np.ndarray,
     quantile: float = 0.95,
 ) -> dict[str, np.ndarray]:
-    """The run's scope statistics: per stage class means, shared precision and log-score scale.
+    """The run's scope statistics, per descriptor set: standardisation, class means, shared
+    precision and log-score scale.
 
     Returns float32 arrays for ``scope.safetensors``, with the threshold as ``threshold``.
     """
@@ -113,36 +142,49 @@ def fit_scope(
 
     stats: dict[str, np.ndarray] = {}
     valid = descriptors(predictor, valid_images)
-    for k, feats in enumerate(descriptors(predictor, train_images)):
-        classes = [c for c in (0, 1) if (train_labels == c).any()]
+    classes = [c for c in (0, 1) if (train_labels == c).any()]
+    for name, feats in descriptors(predictor, train_images).items():
+        # Standardised first: the shrinkage target is a multiple of the identity, which only
+        # suits descriptors on one scale (GLCM contrast is in the tens, LBP shares below 1).
+        centre, spread = feats.mean(0), feats.std(0) + 1e-6
+        feats = (feats - centre) / spread
         means = np.stack([feats[train_labels == c].mean(0) for c in classes])
         centred = np.concatenate(
             [feats[train_labels == c] - means[i] for i, c in enumerate(classes)]
         )
         precision = LedoitWolf().fit(centred).precision_
-        log_d = np.log(_distance(valid[k], means, precision))
+        log_d = np.log(_distance((valid[name] - centre) / spread, means, precision))
         scale = np.array([log_d.mean(), log_d.std() + 1e-6])
-        stats |= {f"means{k}": means, f"precision{k}": precision, f"scale{k}": scale}
+        stats |= {
+            f"centre{name}": centre,
+            f"spread{name}": spread,
+            f"means{name}": means,
+            f"precision{name}": precision,
+            f"scale{name}": scale,
+        }
     stats = {k: np.asarray(v, np.float32) for k, v in stats.items()}
     # The threshold from the stored (float32) statistics: what every later score uses.
     threshold = np.quantile(score_descriptors(valid, stats), quantile)
     return stats | {"threshold": np.array([threshold, quantile], np.float32)}
 
 
-def score_descriptors(descs: list[np.ndarray], stats: dict[str, np.ndarray]) -> np.ndarray:
-    """The summed, standardised log-distances of the stages' descriptors."""
-    total = np.zeros(len(descs[0]))
-    for k, feats in enumerate(descs):
+def score_descriptors(descs: dict[str, np.ndarray], stats: dict[str, np.ndarray]) -> np.ndarray:
+    """The summed, standardised log-distances of the descriptor sets the statistics score."""
+    total = np.zeros(len(next(iter(descs.values()))))
+    for name in set_names(stats):
         means, precision, scale = (
-            stats[f"{n}{k}"].astype(np.float64) for n in ("means", "precision", "scale")
+            stats[f"{n}{name}"].astype(np.float64) for n in ("means", "precision", "scale")
         )
+        feats = descs[name].astype(np.float64)
+        if f"centre{name}" in stats:  # statistics written before the sets were standardised
+            feats = (feats - stats[f"centre{name}"]) / stats[f"spread{name}"]
         total += (np.log(_distance(feats, means, precision)) - scale[0]) / scale[1]
     return total
 
 
 def scope_scores(predictor, images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     """Each patch's out-of-scope score (higher = less like the training data)."""
-    return score_descriptors(descriptors(predictor, images), stats)
+    return score_descriptors(descriptors(predictor, images, uses_texture(stats)), stats)
 
 
 def save_scope(run: Path, stats: dict[str, np.ndarray]) -> None:
@@ -168,11 +210,14 @@ def load_scope(run: Path) -> dict[str, np.ndarray] | None:
 
     try:
         stats = load_file(str(path))
-        n = sum(1 for k in stats if k.startswith("means"))
-        for k in range(n):
-            d = stats[f"means{k}"].shape[1]
-            assert stats[f"precision{k}"].shape == (d, d) and stats[f"scale{k}"].shape == (2,)
-        assert n and stats["threshold"].shape == (2,)
+        names = set_names(stats)
+        for name in names:
+            d = stats[f"means{name}"].shape[1]
+            assert stats[f"precision{name}"].shape == (d, d)
+            assert stats[f"scale{name}"].shape == (2,)
+            assert stats.get(f"centre{name}", np.zeros(d)).shape == (d,)
+            assert stats.get(f"spread{name}", np.ones(d)).shape == (d,)
+        assert names and stats["threshold"].shape == (2,)
     except Exception as exc:  # any damage: truncated file, wrong tensors, missing keys
         raise HistodetectError(f"{path}: damaged out-of-scope statistics ({exc!r}).") from None
     return stats

@@ -10,7 +10,7 @@ COLOURS = {"normal": "#1a7f37", "tumour": "#b00000"}
 
 WHAT_IT_MEANS = (
     "<p>Every patch also gets an <b>out-of-scope score</b>: how unlike the run's training "
-    "patches it looks in the model's own early features (stain, texture). Patches above the "
+    "patches it looks in the model's own early features and in its texture. Patches above the "
     "threshold (set so that 95 % of validation patches are in scope) are flagged: other "
     "tissue, another stain or scanner, or an artefact. A flag is a <b>warning</b> that the "
     "probability is not to be trusted, not a diagnosis; being in scope does not make an answer "

@@ -2,8 +2,9 @@
 
 Usage: python benchmarks/scope_sets.py RUN [RUN ...] [--data DATA] [--ood DIR] [--slide-patches S]
 
-For each run, the scope statistics are fitted as training fits them (every set: the backbone's
-first stages "0", "1", "2" and the texture sets "lbp", "glcm"), then the score is computed from
+For each run, the scope statistics of every set (the backbone's first stages "0", "1", "2" and
+the texture sets "lbp", "glcm") are fitted on its whole training split (training itself fits
+them on at most 20,000 of its patches: the same on the sample), then the score is computed from
 subsets of the sets, each with its own threshold at 95 % of the validation split. Printed per
 subset: the AUROC of validation patches vs the resampled tiles of --ood (other organs), the
 share of those tiles flagged, the same for --slide-patches (a store of tissue patches of a

@@ -343,24 +343,32 @@ def test_scope_statistics_written_before_the_texture_sets_score_with_their_stage
     import shutil
 
     from histodetect.data import texture
-    from histodetect.inference.scope import TEXTURE, load_scope, save_scope
+    from histodetect.inference.scope import TEXTURE, descriptors, load_scope, save_scope
     from tests.conftest import fake_patches
 
     _, run = trained_run
     images, _ = fake_patches(12, seed=5)
-    stats = load_scope(run)
-    assert all(f"means{name}" in stats for name in TEXTURE)  # new runs score texture too
-    # The layout of the first statistics: stage sets only, fitted on raw descriptors.
-    old = {
-        k: v
-        for k, v in stats.items()
-        if not k.startswith(("centre", "spread")) and not k.endswith(TEXTURE)
-    }
+    assert all(f"means{name}" in load_scope(run) for name in TEXTURE)  # new runs: texture too
+    predictor = Predictor.from_run(run)
+    raw = descriptors(predictor, images, texture=False)
+    # The first statistics' layout: stage sets only, fitted on raw (unstandardised) descriptors.
+    rng = np.random.default_rng(0)
+    old = {"threshold": np.array([0.5, 0.95], np.float32)}
+    for name, feats in raw.items():
+        d = feats.shape[1]
+        old |= {
+            f"means{name}": feats[rng.choice(len(feats), 2)].astype(np.float32),
+            f"precision{name}": np.eye(d, dtype=np.float32) * rng.uniform(0.5, 2),
+            f"scale{name}": np.array([1.0, 2.0], np.float32),
+        }
     old_run = tmp_path / "old-run"
     shutil.copytree(run, old_run)
     save_scope(old_run, old)
     monkeypatch.setattr(texture, "texture_descriptors", lambda _: pytest.fail("texture used"))
-    predictor = Predictor.from_run(old_run)
-    _, scores = predictor.predict_and_score(images)
-    assert np.isfinite(scores).all() and len(scores) == len(images)
-    assert np.allclose(scores, predictor.scope_scores(images), rtol=1e-5, atol=1e-5)
+    _, scores = Predictor.from_run(old_run).predict_and_score(images)
+    want = np.zeros(len(images))
+    for name, feats in raw.items():  # the score as first defined, written out
+        means, precision = old[f"means{name}"], old[f"precision{name}"]
+        d2 = [np.einsum("ij,jk,ik->i", feats - m, precision, feats - m) for m in means]
+        want += (np.log(np.maximum(np.min(d2, axis=0), 1e-12)) - 1.0) / 2.0
+    assert np.allclose(scores, want, rtol=1e-4, atol=1e-4)

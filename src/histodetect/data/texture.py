@@ -29,9 +29,10 @@ def grey(images: torch.Tensor) -> torch.Tensor:
 
 
 def _ring_kernels(points: int, radius: int) -> torch.Tensor:
-    """(points, 1, 2r+1, 2r+1) kernels that read each ring neighbour bilinearly, as skimage."""
+    """(points, 1, 2r+1, 2r+1) float64 kernels reading each ring neighbour bilinearly, at
+    scikit-image's ring positions (offsets rounded to 5 decimals)."""
     size = 2 * radius + 1
-    kernels = torch.zeros(points, 1, size, size)
+    kernels = torch.zeros(points, 1, size, size, dtype=torch.float64)
     for p in range(points):
         angle = 2 * math.pi * p / points
         dr, dc = round(-radius * math.sin(angle), 5), round(radius * math.cos(angle), 5)
@@ -48,30 +49,45 @@ def _ring_kernels(points: int, radius: int) -> torch.Tensor:
     return kernels
 
 
+def _uniform_codes(points: int) -> torch.Tensor:
+    """(2^points,) the rotation-invariant uniform code of every ring pattern (bit p set when
+    neighbour p is at least the centre): its number of set bits when it changes between 0 and
+    1 at most twice along the ring (scikit-image counts the changes without wrapping), else
+    ``points + 1``."""
+    patterns = torch.arange(2**points)
+    bits = (patterns[:, None] >> torch.arange(points)) & 1
+    changes = (bits[:, 1:] != bits[:, :-1]).sum(1)
+    return torch.where(changes <= 2, bits.sum(1), points + 1)
+
+
 def lbp_histogram(grey_images: torch.Tensor, points: int, radius: int) -> torch.Tensor:
     """(N, points + 2) share of each rotation-invariant uniform LBP code in each image.
 
     Args:
         grey_images: (N, H, W) uint8.
-        points: neighbours on the ring.
+        points: neighbours on the ring (at most 16).
         radius: ring radius in pixels (neighbours outside the image read 0).
     """
-    centre = grey_images.float()[:, None]
+    centre = grey_images.to(torch.float64)[:, None]
     kernels = _ring_kernels(points, radius).to(centre.device)
+    # float64, which no device runs in reduced precision (a GPU may run float32 convolutions
+    # in TF32). The weights are multiples of 1e-10 and grey levels whole numbers, so a
+    # neighbour that differs from the centre differs by 1e-10 or more, and one within 1e-11
+    # equals it exactly (a tie, which counts as at least the centre): codes are exact.
     ring = torch.nn.functional.conv2d(centre, kernels, padding=radius)
-    # Grey levels are whole numbers, so a true difference is never this small: what is left is
-    # float rounding of a neighbour that equals the centre (a tie, which counts as brighter).
-    bits = ring >= centre - 1e-3  # (N, P, H, W)
-    changes = (bits[:, 1:] != bits[:, :-1]).sum(1, dtype=torch.int16)
-    codes = torch.where(changes <= 2, bits.sum(1, dtype=torch.int16), points + 1)
+    pattern = torch.zeros_like(grey_images, dtype=torch.int32)
+    for p in range(points):
+        pattern |= (ring[:, p] >= centre[:, 0] - 1e-11).to(torch.int32) << p
+    codes = _uniform_codes(points).to(pattern.device)[pattern.long()]
     return _histograms(codes.flatten(1), points + 2)
 
 
 def _histograms(values: torch.Tensor, bins: int) -> torch.Tensor:
     """(N, bins) share of each value in 0..bins-1 in each row of (N, M) integers."""
     n, m = values.shape
-    offsets = torch.arange(n, device=values.device, dtype=values.dtype)[:, None] * bins
-    counts = torch.bincount((values + offsets).flatten(), minlength=n * bins)
+    # int64: a batch's offsets reach N x bins, beyond small integer types for large batches.
+    offsets = torch.arange(n, device=values.device)[:, None] * bins
+    counts = torch.bincount((values.long() + offsets).flatten(), minlength=n * bins)
     return counts.view(n, bins).double() / m
 
 

@@ -58,7 +58,7 @@ class StageCapture:
     Used as a context manager, so that the hooks never outlive the pass they serve.
     """
 
-    def __init__(self, model: nn.Module, texture: bool = True) -> None:
+    def __init__(self, model: nn.Module, texture: bool) -> None:
         if not hasattr(model, "backbone"):
             raise HistodetectError(
                 "out-of-scope statistics are fitted per run; fit each member of the ensemble."
@@ -101,7 +101,7 @@ class StageCapture:
 
 def uses_texture(stats: dict[str, np.ndarray]) -> bool:
     """Whether the statistics score the texture sets (those written before them do not)."""
-    return f"means{TEXTURE[0]}" in stats
+    return any(f"means{name}" in stats for name in TEXTURE)
 
 
 def set_names(stats: dict[str, np.ndarray]) -> list[str]:
@@ -111,7 +111,7 @@ def set_names(stats: dict[str, np.ndarray]) -> list[str]:
 
 @torch.inference_mode()
 def descriptors(
-    predictor, images: np.ndarray, texture: bool = True, batch_size: int = 256
+    predictor, images: np.ndarray, *, texture: bool = True, batch_size: int = 256
 ) -> dict[str, np.ndarray]:
     """The patches' descriptor sets by name (see ``StageCapture.descriptors``)."""
     with StageCapture(predictor.model, texture) as capture:
@@ -148,7 +148,7 @@ def fit_scope(
     for name, feats in descriptors(predictor, train_images).items():
         # Standardised first: the shrinkage target is a multiple of the identity, which only
         # suits descriptors on one scale (GLCM contrast is in the tens, LBP shares below 1).
-        centre, spread = feats.mean(0), feats.std(0) + 1e-6
+        centre, spread = feats.mean(0), _spread(feats)
         feats = (feats - centre) / spread
         means = np.stack([feats[train_labels == c].mean(0) for c in classes])
         centred = np.concatenate(
@@ -170,6 +170,14 @@ def fit_scope(
     return stats | {"threshold": np.array([threshold, quantile], np.float32)}
 
 
+def _spread(feats: np.ndarray) -> np.ndarray:
+    """Per-column standard deviation to divide by; 1 for (nearly) constant columns, such as a
+    channel no training patch activates, whose float noise would otherwise be magnified."""
+    std = feats.std(0)
+    floor = max(1e-3 * float(np.median(std)), 1e-6)
+    return np.where(std > floor, std, 1.0)
+
+
 def score_descriptors(descs: dict[str, np.ndarray], stats: dict[str, np.ndarray]) -> np.ndarray:
     """The summed, standardised log-distances of the descriptor sets the statistics score."""
     total = np.zeros(len(next(iter(descs.values()))))
@@ -186,7 +194,7 @@ def score_descriptors(descs: dict[str, np.ndarray], stats: dict[str, np.ndarray]
 
 def scope_scores(predictor, images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
     """Each patch's out-of-scope score (higher = less like the training data)."""
-    return score_descriptors(descriptors(predictor, images, uses_texture(stats)), stats)
+    return score_descriptors(descriptors(predictor, images, texture=uses_texture(stats)), stats)
 
 
 def save_scope(run: Path, stats: dict[str, np.ndarray]) -> None:
@@ -212,17 +220,28 @@ def load_scope(run: Path) -> dict[str, np.ndarray] | None:
 
     try:
         stats = load_file(str(path))
-        names = set_names(stats)
-        for name in names:
-            d = stats[f"means{name}"].shape[1]
-            assert stats[f"precision{name}"].shape == (d, d)
-            assert stats[f"scale{name}"].shape == (2,)
-            assert stats.get(f"centre{name}", np.zeros(d)).shape == (d,)
-            assert stats.get(f"spread{name}", np.ones(d)).shape == (d,)
-        assert names and stats["threshold"].shape == (2,)
+        _check(stats)
     except Exception as exc:  # any damage: truncated file, wrong tensors, missing keys
         raise HistodetectError(f"{path}: damaged out-of-scope statistics ({exc!r}).") from None
     return stats
+
+
+def _check(stats: dict[str, np.ndarray]) -> None:
+    """Assert that ``stats`` is whole: known sets, consistent shapes, finite values."""
+    names = set_names(stats)
+    assert names, "no descriptor sets"
+    assert set(names) <= {str(k) for k in range(STAGES)} | set(TEXTURE), f"sets {names}"
+    assert set(TEXTURE) <= set(names) or not set(TEXTURE) & set(names), "half the texture"
+    for name in names:
+        d = stats[f"means{name}"].shape[1]
+        assert stats[f"precision{name}"].shape == (d, d) and stats[f"scale{name}"].shape == (2,)
+        standardised = [f"{f}{name}" in stats for f in ("centre", "spread")]
+        assert all(standardised) or not any(standardised), f"centre or spread of {name}"
+        if all(standardised):
+            assert stats[f"centre{name}"].shape == stats[f"spread{name}"].shape == (d,)
+            assert (stats[f"spread{name}"] > 0).all(), f"spread of {name}"
+    assert stats["threshold"].shape == (2,)
+    assert all(np.isfinite(v).all() for v in stats.values()), "values not finite"
 
 
 def write_details(

@@ -39,6 +39,12 @@ def other_organ_patches(ood: Path) -> tuple[list[Path], TilePatches]:
     return files, tile_patches(files, 0.5)
 
 
+def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
+    """AUROC of an out-of-scope score, in-scope patches 0 and out-of-scope ones 1."""
+    truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
+    return float(roc_auc_score(truth, np.r_[inside, outside]))
+
+
 def round_trip(images: np.ndarray, mpp: float = 0.5) -> np.ndarray:
     """Patches enlarged to ``mpp`` (Lanczos) and resampled back as `predict --mpp` does."""
     with tempfile.TemporaryDirectory() as tmp:
@@ -65,7 +71,6 @@ def main() -> None:
     control = predictor.scope_scores(round_trip(store.read(valid[:500])))
     probs, other = predictor.predict_and_score(cut.images)
     threshold = predictor.scope_threshold
-    auroc = roc_auc_score(np.r_[np.zeros(len(inside)), np.ones(len(other))], np.r_[inside, other])
     print(f"run {args.run} ({predictor.meta.get('arch')}), threshold {threshold:.3f}")
     print(f"validation patches (REAL, {len(inside)}): {np.mean(inside > threshold):.1%} flagged")
     print(
@@ -88,7 +93,7 @@ def main() -> None:
         f"{np.mean(other > threshold):.1%} of patches and {np.mean(verdicts):.1%} of tiles flagged"
         f"; P(tumour) >= 0.5 on {np.mean(probs >= 0.5):.1%}"
     )
-    print(f"AUROC (validation vs other organs): {auroc:.4f}")
+    print(f"AUROC (validation vs other organs): {auroc(inside, other):.4f}")
 
 
 if __name__ == "__main__":

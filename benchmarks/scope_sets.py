@@ -20,8 +20,7 @@ from pathlib import Path
 
 import numpy as np
 from common import SAMPLE
-from scope import other_organ_patches, round_trip
-from sklearn.metrics import roc_auc_score
+from scope import auroc, other_organ_patches, round_trip
 
 from histodetect.data.loaders import labelled_split
 from histodetect.data.store import open_store
@@ -44,12 +43,6 @@ def subset(stats: dict[str, np.ndarray], names: tuple[str, ...]) -> dict[str, np
     """The statistics of the descriptor sets ``names`` only."""
     keep = {f + n for f in FIELDS for n in names} | {"threshold"}
     return {k: v for k, v in stats.items() if k in keep}
-
-
-def auroc(inside: np.ndarray, outside: np.ndarray) -> float:
-    """AUROC of the score, in-scope patches 0 and out-of-scope ones 1."""
-    truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
-    return float(roc_auc_score(truth, np.r_[inside, outside]))
 
 
 def main() -> None:

@@ -35,8 +35,7 @@ import torch
 from common import SAMPLE, train_cli
 from PIL import Image, ImageFilter
 from quality import auc, paired_difference
-from scope import other_organ_patches
-from sklearn.metrics import roc_auc_score
+from scope import auroc, other_organ_patches
 
 from histodetect.data.loaders import split_indices_of
 from histodetect.data.pack import pack
@@ -138,9 +137,7 @@ def judge(run: Path, images: dict[str, np.ndarray], y: np.ndarray, other: np.nda
     probs["clean"], inside = predictor.predict_and_score(images["clean"])
     ood = float("nan")
     if inside is not None:
-        outside = predictor.scope_scores(other)
-        truth = np.r_[np.zeros(len(inside)), np.ones(len(outside))]
-        ood = float(roc_auc_score(truth, np.r_[inside, outside]))
+        ood = auroc(inside, predictor.scope_scores(other))
     return {"probs": probs, "auc": {name: auc(p, y) for name, p in probs.items()}, "ood": ood}
 
 

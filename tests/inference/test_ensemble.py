@@ -180,3 +180,20 @@ def test_an_ensemble_flags_a_patch_when_its_members_on_average_place_it_out_of_s
     (two_runs[1] / "scope.safetensors").unlink()
     partial = Predictor.from_runs(list(two_runs), device="cpu")
     assert partial.scope_threshold is None and partial.scope_scores(patches) is None
+
+
+def test_an_ensemble_computes_the_model_free_texture_once_for_all_members(two_runs, monkeypatch):
+    from histodetect.data import texture
+    from histodetect.inference.scope import fit_scope, save_scope
+
+    images, labels = fake_patches(40)
+    for run in two_runs:
+        save_scope(run, fit_scope(Predictor.from_run(run, "cpu"), images, labels, images))
+    members = [Predictor.from_run(r, "cpu") for r in two_runs]
+    want = np.mean([m.scope_scores(images[:8]) - m.scope_threshold for m in members], axis=0)
+    calls = []
+    counted = texture.texture_descriptors
+    monkeypatch.setattr(texture, "texture_descriptors", lambda x: calls.append(1) or counted(x))
+    ensemble = Predictor.from_runs(list(two_runs), device="cpu")
+    assert np.allclose(ensemble.scope_scores(images[:8]), want)
+    assert len(calls) == 1  # one batch, scored by two members

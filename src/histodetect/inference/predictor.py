@@ -188,21 +188,26 @@ class Predictor:
             probs = self._predict(images, tta, batch_size, capture)
         return probs, score_descriptors(capture.descriptors(), self.scope)
 
-    def scope_scores(self, images: np.ndarray) -> np.ndarray | None:
+    def scope_scores(
+        self, images: np.ndarray, texture: dict[str, np.ndarray] | None = None
+    ) -> np.ndarray | None:
         """Out-of-scope score of each uint8 patch, None when the run has no statistics.
 
         An ensemble's score is the mean of its members' scores, each less its own threshold
         (members' scores live in their own feature spaces): the ensemble flags a patch when its
         members, on average, place it beyond their thresholds. None if any member lacks them.
+        ``texture``: the patches' texture sets, when already computed.
         """
         if self.scope_threshold is None:
             return None
-        if self.members:
-            margins = [m.scope_scores(images) - m.scope_threshold for m in self.members]
-            return np.mean(margins, axis=0)
-        from histodetect.inference.scope import scope_scores
+        from histodetect.inference.scope import scope_scores, texture_sets, uses_texture
 
-        return scope_scores(self, images, self.scope)
+        if self.members:
+            if texture is None and any(uses_texture(m.scope) for m in self.members):
+                texture = texture_sets(images, self.device)  # model-free: once for all
+            margins = [m.scope_scores(images, texture) - m.scope_threshold for m in self.members]
+            return np.mean(margins, axis=0)
+        return scope_scores(self, images, self.scope, texture)
 
     @property
     def scope_threshold(self) -> float | None:

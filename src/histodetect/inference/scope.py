@@ -192,9 +192,35 @@ def score_descriptors(descs: dict[str, np.ndarray], stats: dict[str, np.ndarray]
     return total
 
 
-def scope_scores(predictor, images: np.ndarray, stats: dict[str, np.ndarray]) -> np.ndarray:
-    """Each patch's out-of-scope score (higher = less like the training data)."""
-    return score_descriptors(descriptors(predictor, images, texture=uses_texture(stats)), stats)
+@torch.inference_mode()
+def texture_sets(images: np.ndarray, device, batch_size: int = 256) -> dict[str, np.ndarray]:
+    """The model-free texture sets of uint8 patches, batched on ``device``: the same for every
+    run, so an ensemble computes them once for all its members."""
+    from histodetect.data.texture import texture_descriptors
+
+    parts = [
+        texture_descriptors(torch.as_tensor(images[start : start + batch_size]).to(device))
+        for start in range(0, len(images), batch_size)
+    ]
+    return {name: np.concatenate([part[name].cpu().numpy() for part in parts]) for name in TEXTURE}
+
+
+def scope_scores(
+    predictor,
+    images: np.ndarray,
+    stats: dict[str, np.ndarray],
+    texture: dict[str, np.ndarray] | None = None,
+) -> np.ndarray:
+    """Each patch's out-of-scope score (higher = less like the training data).
+
+    ``texture``: the patches' ``texture_sets`` when already computed (else computed here if
+    the statistics score them).
+    """
+    wanted = uses_texture(stats)
+    descs = descriptors(predictor, images, texture=wanted and texture is None)
+    if wanted and texture is not None:
+        descs |= texture
+    return score_descriptors(descs, stats)
 
 
 def save_scope(run: Path, stats: dict[str, np.ndarray]) -> None:
